@@ -1,0 +1,130 @@
+import json
+
+import pytest
+
+from worker import formats
+from worker.formats import BatchFileParser, Duplicate, Rejected, Request
+
+
+def line(**record: object) -> bytes:
+    return json.dumps(record).encode()
+
+
+def chat(text: str) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("a.txt", "prompt"),
+        ("dir/B.MD", "prompt"),
+        ("x.json", "body"),
+        ("y.jsonl", "batch"),
+        ("z.csv", None),
+        ("noext", None),
+        ("dir.txt/file", None),
+    ],
+)
+def test_input_kind_by_suffix(path: str, kind: str | None) -> None:
+    assert formats.input_kind(path) == kind
+
+
+def test_result_path_is_injective_for_lookalike_names() -> None:
+    assert formats.result_path("a.txt") != formats.result_path("a.txt.results")
+    assert formats.result_path("a/b.jsonl") == "a/b.jsonl.results.jsonl"
+
+
+def test_prompt_file_becomes_one_user_message_with_system_prompt_and_parameters() -> None:
+    parsed = formats.parse_prompt_file(
+        "p/q.txt", "héllo".encode(), system_prompt="be brief", parameters={"temperature": 0}
+    )
+    assert parsed == Request(
+        "p/q.txt",
+        "/chat/completions",
+        {
+            "temperature": 0,
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}],
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(b"", "empty_input"), (b"  \n\t", "empty_input"), (b"\xff\xfe\xfa", "invalid_encoding")],
+)
+def test_bad_prompt_files_get_error_records(data: bytes, code: str) -> None:
+    parsed = formats.parse_prompt_file("bad.txt", data, system_prompt=None, parameters={})
+    assert isinstance(parsed, Rejected)
+    assert (parsed.custom_id, parsed.code) == ("bad.txt", code)
+
+
+def test_json_body_keeps_its_own_parameters_over_the_jobs() -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 1}
+    parsed = formats.parse_body_file(
+        "b.json", json.dumps(body).encode(), parameters={"temperature": 0, "max_tokens": 5}
+    )
+    assert isinstance(parsed, Request)
+    assert parsed.body["temperature"] == 1
+    assert parsed.body["max_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(b"{", "invalid_json"), (b"[1]", "invalid_body"), (b'{"messages": []}', "invalid_body")],
+)
+def test_bad_json_bodies(data: bytes, code: str) -> None:
+    parsed = formats.parse_body_file("b.json", data, parameters={})
+    assert isinstance(parsed, Rejected)
+    assert parsed.code == code
+
+
+def test_batch_lines_good_bad_and_duplicate() -> None:
+    parser = BatchFileParser("in/batch.jsonl", parameters={"max_tokens": 7})
+    outcomes = [
+        parser.parse_line(1, line(custom_id="a", method="POST", url="/v1/chat/completions", body=chat("hi"))),
+        parser.parse_line(2, b"   "),
+        parser.parse_line(3, b"{not json"),
+        parser.parse_line(4, line(method="POST", url="/chat/completions", body=chat("x"))),
+        parser.parse_line(5, line(custom_id="a", method="POST", url="/chat/completions", body=chat("again"))),
+        parser.parse_line(6, line(custom_id="b", method="GET", url="/chat/completions", body=chat("x"))),
+        parser.parse_line(7, line(custom_id="c", method="POST", url="/v1/responses", body=chat("x"))),
+        parser.parse_line(8, line(custom_id="d", method="POST", url="/embeddings", body={"input": "text"})),
+        parser.parse_line(9, b"\xff\xfe"),
+    ]
+    first = outcomes[0]
+    assert isinstance(first, Request)
+    assert (first.url, first.body["max_tokens"], first.line) == ("/chat/completions", 7, 1)
+    assert outcomes[1] is None
+    assert outcomes[2] == Rejected("in/batch.jsonl:3", "invalid_json", outcomes[2].message, 3)  # type: ignore[union-attr]
+    assert isinstance(outcomes[3], Rejected)
+    assert (outcomes[3].custom_id, outcomes[3].code) == ("in/batch.jsonl:4", "missing_custom_id")
+    assert outcomes[4] == Duplicate("a", 5)
+    assert [o.code for o in outcomes[5:7]] == ["unsupported_method", "unsupported_url"]  # type: ignore[union-attr]
+    embeddings = outcomes[7]
+    assert isinstance(embeddings, Request)
+    assert embeddings.url == "/embeddings"
+    assert "max_tokens" not in embeddings.body
+    assert isinstance(outcomes[8], Rejected)
+    assert outcomes[8].code == "invalid_encoding"
+    assert parser.items == 7  # nine lines; the blank one and the duplicate are not items
+
+
+def test_result_line_has_the_batch_output_shape() -> None:
+    record = json.loads(formats.result_line("x", error=formats.error_record("content_filter", "filtered")))
+    assert set(record) == {"id", "custom_id", "response", "error"}
+    assert record["id"].startswith("batch_req_")
+    assert record["error"] == {"code": "content_filter", "message": "filtered"}
+    assert record["response"] is None
+
+
+def test_custom_ids_in_ignores_a_torn_last_line() -> None:
+    data = (
+        formats.result_line("a", response={})
+        + formats.result_line("b", response={})
+        + b'{"id":"x","custom_id":"c"'
+    )
+    ids, complete = formats.custom_ids_in(data)
+    assert ids == {"a", "b"}
+    assert data[:complete].endswith(b"\n")
+    assert complete == len(data) - len(b'{"id":"x","custom_id":"c"')

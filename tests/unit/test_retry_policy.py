@@ -1,0 +1,76 @@
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx2
+import openai
+import pytest
+
+from worker.calls import Verdict, backoff_seconds, classify, error_code, server_wait_seconds
+
+REQUEST = httpx2.Request("POST", "https://example.openai.azure.com/openai/deployments/d/chat/completions")
+
+
+def status_error(status: int, body: object) -> openai.APIStatusError:
+    response = httpx2.Response(status, json=body, request=REQUEST)
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint="https://example.openai.azure.com", api_key="x", api_version="v"
+    )
+    return client._make_status_error_from_response(response)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "verdict"),
+    [
+        (429, {"error": {"code": "429", "message": "slow down"}}, Verdict.RETRY),
+        (500, {"error": {"code": "InternalServerError"}}, Verdict.RETRY),
+        (503, {}, Verdict.RETRY),
+        (408, {}, Verdict.RETRY),
+        (401, {"statusCode": 401, "message": "Unauthorized."}, Verdict.REAUTH),
+        (403, {"error": {"code": "PermissionDenied"}}, Verdict.FATAL),
+        (404, {"error": {"code": "DeploymentNotFound"}}, Verdict.FATAL),
+        (404, {"error": {"code": "404"}}, Verdict.FINAL),
+        (400, {"error": {"code": "content_filter", "message": "filtered"}}, Verdict.FINAL),
+        (400, {"error": {"code": "context_length_exceeded"}}, Verdict.FINAL),
+    ],
+)
+def test_classify_status_errors(status: int, body: object, verdict: Verdict) -> None:
+    assert classify(status_error(status, body)) is verdict
+
+
+def test_classify_transport_errors() -> None:
+    assert classify(openai.APITimeoutError(request=REQUEST)) is Verdict.RETRY
+    assert classify(openai.APIConnectionError(request=REQUEST)) is Verdict.RETRY
+
+
+def test_error_code_from_nested_and_flat_bodies() -> None:
+    assert error_code(status_error(400, {"error": {"code": "content_filter"}})) == "content_filter"
+    assert error_code(status_error(401, {"statusCode": 401, "message": "x"})) == "http_401"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
+        ({"retry-after": "4"}, 4.0),
+        ({}, None),
+    ],
+)
+def test_server_wait_prefers_milliseconds(headers: dict[str, str], expected: float | None) -> None:
+    assert server_wait_seconds(headers) == expected
+
+
+def test_server_wait_accepts_an_http_date() -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    wait = server_wait_seconds({"retry-after": when})
+    assert wait is not None
+    assert 25 < wait <= 30
+
+
+def test_backoff_grows_and_is_capped_with_jitter() -> None:
+    rng = random.Random(7)
+    waits = [backoff_seconds(n, rng) for n in range(1, 12)]
+    assert 0.25 <= waits[0] <= 0.5
+    assert 2.0 <= waits[3] <= 4.0
+    assert all(w <= 30 for w in waits)
+    assert waits[-1] >= 15

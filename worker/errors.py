@@ -1,0 +1,25 @@
+"""The worker's errors, one class per meaning.
+
+    WorkerError
+    ├── ConfigError        a setting is missing or wrong; exit 2 with a message that says what to fix
+    │   └── AccessDenied   storage or Azure OpenAI refused the identity (a role is missing); exit 2
+    └── LeaseLost          another replica took a work unit this process held; the unit stops
+
+Messages never contain a secret, key or token: callers pass names and places, not values.
+"""
+
+
+class WorkerError(Exception):
+    """Base class of the worker's own errors."""
+
+
+class ConfigError(WorkerError):
+    """A configuration or usage error: the run cannot start or cannot go on. Exit code 2."""
+
+
+class AccessDenied(ConfigError):
+    """The identity was authenticated but not authorised (or not authenticated at all) by a service."""
+
+
+class LeaseLost(WorkerError):
+    """The lease on a work unit expired or was taken: stop writing to it."""

@@ -1,0 +1,212 @@
+"""One credential per --auth mode, and one shared token cache in front of it.
+
+`SharedTokens` is what every client authenticates through:
+- Azure OpenAI gets `tokens.provider(OPENAI_SCOPE)` as its `azure_ad_token_provider`;
+- Blob Storage gets `tokens` itself as its (async) TokenCredential.
+Concurrent callers share one token fetch per scope (single flight), so thousands of requests cost a
+handful of token requests. The stock `get_bearer_token_provider` cannot be told that the service rejected
+its cached token; `SharedTokens.refresh(scope, rejected)` can: the next caller gets a freshly issued
+token (the credential's own cache is bypassed with a claims challenge), fetched once for all waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.exceptions import ClientAuthenticationError
+
+from worker.errors import ConfigError
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.identity")
+
+OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+REFRESH_MARGIN_SECONDS = 300
+# A claims challenge asking for a token issued from now on: credentials skip their caches for it.
+_FRESH_CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}'
+
+
+def build_credential(settings: Settings, environ: Mapping[str, str] | None = None) -> AsyncTokenCredential:
+    """The azure-identity credential for the chosen mode; missing environment → ConfigError naming it."""
+    from azure.identity import aio
+
+    environ = os.environ if environ is None else environ
+    mode = settings.auth
+    client_id = environ.get("AZURE_CLIENT_ID") or None
+
+    def need(*names: str) -> None:
+        missing = [name for name in names if not environ.get(name)]
+        if missing:
+            raise ConfigError(f"--auth {mode} needs {', '.join(missing)} in the environment")
+
+    if mode in ("auto", "api-key"):
+        return aio.DefaultAzureCredential()
+    if mode == "managed-identity":
+        return aio.ManagedIdentityCredential(client_id=client_id)
+    if mode == "service-principal":
+        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID")
+        tenant, app = environ["AZURE_TENANT_ID"], environ["AZURE_CLIENT_ID"]
+        if environ.get("AZURE_CLIENT_SECRET"):
+            return aio.ClientSecretCredential(tenant, app, environ["AZURE_CLIENT_SECRET"])
+        if environ.get("AZURE_CLIENT_CERTIFICATE_PATH"):
+            return aio.CertificateCredential(
+                tenant,
+                app,
+                environ["AZURE_CLIENT_CERTIFICATE_PATH"],
+                password=environ.get("AZURE_CLIENT_CERTIFICATE_PASSWORD") or None,
+            )
+        raise ConfigError(
+            "--auth service-principal needs AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH in the environment"
+        )
+    if mode == "workload-identity":
+        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE")
+        return aio.WorkloadIdentityCredential()
+    if mode == "azure-cli":
+        return aio.AzureCliCredential()
+    raise ConfigError(f"--auth {mode} is not available yet in this version")
+
+
+def token_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, unverified: for naming the principal in messages, never for trust."""
+    try:
+        payload = token.split(".")[1]
+        decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
+
+
+def describe_principal(token: str) -> str:
+    """`object id X (app Y) in tenant Z`, from a token's claims."""
+    claims = token_claims(token)
+    parts = [f"object id {claims.get('oid', '?')}"]
+    if claims.get("appid") or claims.get("azp"):
+        parts.append(f"(app {claims.get('appid') or claims.get('azp')})")
+    if claims.get("upn") or claims.get("preferred_username"):
+        parts.append(f"user {claims.get('upn') or claims.get('preferred_username')}")
+    parts.append(f"in tenant {claims.get('tid', '?')}")
+    return " ".join(parts)
+
+
+@dataclass
+class _Slot:
+    token: AccessTokenInfo | None = None
+    lock: asyncio.Lock | None = None
+
+
+class SharedTokens(AsyncTokenCredential):
+    """A token cache with single-flight fetches and forced refresh, over one credential.
+
+    Counts (`fetches`, `refreshes`) feed the run manifest.
+    """
+
+    def __init__(self, credential: AsyncTokenCredential) -> None:
+        self._credential = credential
+        self._slots: dict[str, _Slot] = {}
+        self.fetches = 0
+        self.refreshes = 0
+
+    def _slot(self, scope: str) -> _Slot:
+        slot = self._slots.get(scope)
+        if slot is None:
+            slot = self._slots[scope] = _Slot(lock=asyncio.Lock())
+        return slot
+
+    @staticmethod
+    def _usable(token: AccessTokenInfo | None) -> bool:
+        if token is None:
+            return False
+        now = time.time()
+        refresh_at = token.refresh_on or token.expires_on - REFRESH_MARGIN_SECONDS
+        return now < refresh_at and now < token.expires_on - 30
+
+    async def token(self, scope: str) -> AccessTokenInfo:
+        """A valid token for `scope`, from cache or one shared fetch."""
+        slot = self._slot(scope)
+        if self._usable(slot.token):
+            assert slot.token is not None
+            return slot.token
+        assert slot.lock is not None
+        async with slot.lock:
+            if not self._usable(slot.token):
+                slot.token = await self._fetch(scope, fresh=False)
+            assert slot.token is not None
+            return slot.token
+
+    async def refresh(self, scope: str, rejected: str) -> bool:
+        """The service rejected `rejected`: make the next caller get a newly issued token.
+
+        Returns False when the credential handed back the same token again (nothing more to try).
+        Concurrent callers that report the same rejected token share one refresh.
+        """
+        slot = self._slot(scope)
+        assert slot.lock is not None
+        async with slot.lock:
+            if slot.token is not None and slot.token.token != rejected:
+                return True
+            fresh = await self._fetch(scope, fresh=True)
+            slot.token = fresh
+            self.refreshes += 1
+            log.warning("identity.token_refreshed", scope=scope, reason="rejected by the service")
+            return fresh.token != rejected
+
+    async def _fetch(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
+        self.fetches += 1
+        try:
+            if fresh:
+                options: TokenRequestOptions = {"claims": _FRESH_CLAIMS % int(time.time())}
+                try:
+                    return await self._credential.get_token_info(scope, options=options)  # type: ignore[attr-defined,no-any-return]
+                except (ClientAuthenticationError, ValueError):
+                    pass  # some credentials (az CLI) refuse claims; they do not cache either
+            return await self._credential.get_token_info(scope)  # type: ignore[attr-defined,no-any-return]
+        except ClientAuthenticationError as exc:
+            raise ConfigError(f"could not get a token for {scope}: {first_line(exc.message)}") from None
+
+    def provider(self, scope: str) -> Callable[[], Awaitable[str]]:
+        """An async bearer-token provider for `openai.AsyncAzureOpenAI(azure_ad_token_provider=...)`."""
+
+        async def bearer() -> str:
+            return (await self.token(scope)).token
+
+        return bearer
+
+    async def get_token(
+        self,
+        *scopes: str,
+        claims: str | None = None,
+        tenant_id: str | None = None,
+        enable_cae: bool = False,
+        **kwargs: Any,
+    ) -> AccessToken:
+        """AsyncTokenCredential protocol, for the blob SDK."""
+        info = await self.token(scopes[0])
+        return AccessToken(info.token, info.expires_on)
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        """AsyncSupportsTokenInfo protocol, for the blob SDK."""
+        return await self.token(scopes[0])
+
+    async def close(self) -> None:
+        await self._credential.close()
+
+    async def __aexit__(self, *args: object) -> None:
+        await self.close()
+
+
+def first_line(message: str | None) -> str:
+    """Credential errors are long; the first line carries the cause (and never a secret)."""
+    return (message or "").strip().splitlines()[0] if message and message.strip() else "authentication failed"

@@ -1,0 +1,230 @@
+"""The process around a run: signals, the drain deadline, the manifest, the summary and the exit code.
+
+Exit codes (the contract with the platform):
+    0  every item reached a final state (succeeded, or failed permanently and recorded)
+    1  work remains (interrupted, a unit could not be read or written) — a rerun resumes it
+    2  configuration or usage error, with a message that says what to fix
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from worker import __version__
+from worker.calls import Caller
+from worker.errors import ConfigError
+from worker.identity import first_line
+from worker.metrics import RunStats
+from worker.pipeline import Pipeline, PipelineLimits
+from worker.ratelimit import Budgets
+from worker.services import open_services
+from worker.settings import Settings
+from worker.storage.urls import BlobLocation, LocalLocation, Location, parse_location
+
+log = structlog.get_logger("worker")
+
+EXIT_DONE, EXIT_WORK_REMAINS, EXIT_CONFIG = 0, 1, 2
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    exit_code: int
+    stats: RunStats
+    error: str | None = None
+    manifest: str | None = None
+    started: float = field(default_factory=time.time)
+    ended: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            **self.stats.summary(),
+            "exit_code": self.exit_code,
+            "duration_s": round(self.ended - self.started, 3),
+            "manifest": self.manifest,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+def new_run_id(settings: Settings) -> str:
+    """The Container Apps execution name when there is one, else a sortable timestamp + random suffix."""
+    if settings.run_id:
+        return re.sub(r"[^A-Za-z0-9._-]", "-", settings.run_id)[:120]
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def overlap_filter(source: Location, sink: Location) -> Callable[[str], bool]:
+    """When the sink lies inside the source, the source listing must not pick up the worker's own output."""
+    inside: str | None = None
+    if isinstance(source, LocalLocation) and isinstance(sink, LocalLocation):
+        src, dst = source.path.resolve(), sink.path.resolve()
+        if dst == src or src in dst.parents:
+            inside = dst.relative_to(src).as_posix()
+            inside = "" if inside == "." else inside + "/"
+    elif (
+        isinstance(source, BlobLocation)
+        and isinstance(sink, BlobLocation)
+        and (source.account_url, source.container) == (sink.account_url, sink.container)
+        and sink.prefix.startswith(source.prefix)
+    ):
+        inside = sink.prefix[len(source.prefix) :]
+    if inside is None:
+        return lambda _path: False
+    if inside:
+        return lambda path: path.startswith(inside)
+    from worker.formats import RESULT_SUFFIX
+
+    return lambda path: path.endswith(RESULT_SUFFIX) or path.startswith("_")
+
+
+def manifest(result: RunResult, settings: Settings) -> bytes:
+    stats = result.stats
+    document = {
+        "run_id": result.run_id,
+        "worker_version": __version__,
+        "started": datetime.fromtimestamp(result.started, UTC).isoformat(),
+        "ended": datetime.fromtimestamp(result.ended, UTC).isoformat(),
+        "exit_code": result.exit_code,
+        "error": result.error,
+        "source": settings.source,
+        "sink": settings.sink,
+        "deployment": settings.deployment,
+        "auth": settings.auth,
+        "counts": {
+            k: getattr(stats, k)
+            for k in (
+                "total",
+                "succeeded",
+                "failed",
+                "skipped",
+                "interrupted",
+                "units_done",
+                "units_skipped",
+                "units_held_elsewhere",
+            )
+        },
+        "calls": {
+            "requests": stats.requests,
+            "retries": stats.retries,
+            "throttled": stats.throttled,
+            "token_refreshes": stats.token_refreshes,
+            "throttle_wait_seconds": round(stats.throttle_wait_seconds, 3),
+        },
+        "tokens": {
+            "prompt": stats.prompt_tokens,
+            "completion": stats.completion_tokens,
+            "total": stats.prompt_tokens + stats.completion_tokens,
+        },
+        "latency_seconds": {
+            "p50": stats.latency.percentile(0.5),
+            "p90": stats.latency.percentile(0.9),
+            "p95": stats.latency.percentile(0.95),
+            "p99": stats.latency.percentile(0.99),
+        },
+        "errors_by_code": dict(stats.errors_by_code),
+        "input_problems": stats.problems,
+        "input_problems_not_listed": stats.problems_dropped,
+    }
+    return json.dumps(document, indent=2).encode()
+
+
+async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = lambda _n: None) -> RunResult:
+    """Run one job to an exit code. Never raises for configuration problems: they become exit 2."""
+    result = RunResult(run_id=new_run_id(settings), exit_code=EXIT_DONE, stats=RunStats())
+    try:
+        settings.require("source", "sink", "endpoint")
+        source_at = parse_location(settings.source or "", what="--source")
+        sink_at = parse_location(settings.sink or "", what="--sink")
+        async with open_services(settings, source_at, sink_at) as services:
+            await services.sink.prepare()
+            caller = Caller(
+                services.openai,
+                tokens=services.tokens,
+                budgets=Budgets(tpm=settings.tpm, rpm=settings.rpm),
+                stats=result.stats,
+                default_deployment=settings.deployment,
+                max_attempts=settings.max_attempts,
+                request_timeout=settings.request_timeout,
+            )
+            pipeline = Pipeline(
+                source=services.source,
+                sink=services.sink,
+                caller=caller,
+                limits=PipelineLimits(
+                    concurrency=settings.concurrency,
+                    max_prompt_bytes=settings.max_prompt_bytes,
+                    max_jsonl_bytes=settings.max_jsonl_bytes,
+                    system_prompt=settings.system_prompt,
+                    parameters=settings.parameters,
+                ),
+                stats=result.stats,
+                exclude=overlap_filter(source_at, sink_at),
+                on_progress=on_progress,
+            )
+            log.info(
+                "run.started",
+                run_id=result.run_id,
+                source=str(source_at),
+                sink=str(sink_at),
+                auth=settings.auth,
+                concurrency=settings.concurrency,
+            )
+            with _signals(lambda: pipeline.request_stop(settings.drain_seconds)):
+                try:
+                    await pipeline.run()
+                except ConfigError as error:
+                    result.exit_code, result.error = EXIT_CONFIG, str(error)
+            if result.exit_code == EXIT_DONE and (pipeline.work_remains or result.stats.interrupted):
+                result.exit_code = EXIT_WORK_REMAINS
+            result.ended = time.time()
+            try:
+                result.manifest = await services.sink.write_manifest(
+                    result.run_id, manifest(result, settings)
+                )
+            except Exception as exc:  # noqa: BLE001 - the results are written; a missing manifest is reported
+                log.warning("run.manifest_failed", error=type(exc).__name__, detail=str(exc)[:300])
+    except ConfigError as error:
+        result.exit_code, result.error = EXIT_CONFIG, str(error)
+    except Exception as exc:  # noqa: BLE001 - e.g. storage unreachable: nothing is lost, a rerun resumes
+        result.exit_code = EXIT_WORK_REMAINS
+        result.error = f"{type(exc).__name__}: {first_line(str(exc))}"
+        log.error("run.failed", error=result.error)
+    if result.error and result.exit_code == EXIT_CONFIG:
+        log.error("run.config_error", error=result.error)
+    result.ended = time.time()
+    return result
+
+
+class _signals:
+    """SIGTERM/SIGINT → stop callback (Python as PID 1 ignores SIGTERM without a handler)."""
+
+    def __init__(self, on_stop: Callable[[], None]) -> None:
+        self._on_stop = on_stop
+        self._installed: list[signal.Signals] = []
+
+    def _handle(self, signum: signal.Signals) -> None:
+        log.warning("run.signal", signal=signum.name)
+        self._on_stop()
+
+    def __enter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._handle, signum)
+            self._installed.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self._installed:
+            loop.remove_signal_handler(signum)

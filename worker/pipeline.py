@@ -1,0 +1,344 @@
+"""Source → requests → calls → sink, with bounded concurrency and flat memory.
+
+- Files are listed as a stream; at most `2 × concurrency` units (input files) are open at once.
+- A unit is claimed (lease/lock) before it is read; what its result file already holds is skipped.
+- Items are dispatched only when a call slot is free (`--concurrency`), so parsing never runs ahead.
+- Results are written by a per-unit group-commit writer: whatever finished while the previous append was
+  in flight goes out in the next one, so a crash loses at most the in-flight calls and one batch.
+- A unit whose every item is recorded is marked complete and released.
+
+`request_stop` (SIGTERM/SIGINT) stops dispatching at once and, after the drain deadline, cancels the calls
+still in flight: they are "interrupted", not failed, and the next run picks them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from worker import formats
+from worker.calls import Caller, Outcome
+from worker.errors import ConfigError, LeaseLost
+from worker.formats import Duplicate, Parsed, Rejected, Request
+from worker.metrics import RunStats
+from worker.storage import ClaimedUnit, Sink, Source, SourceFile
+
+log = structlog.get_logger("worker.pipeline")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineLimits:
+    concurrency: int
+    max_prompt_bytes: int
+    max_jsonl_bytes: int
+    system_prompt: str | None
+    parameters: dict[str, object]
+
+
+class UnitWriter:
+    """Group commit for one unit: one append at a time, each taking every line that is waiting."""
+
+    def __init__(self, unit: ClaimedUnit, stats: RunStats, on_written: Callable[[int], None]) -> None:
+        self._unit = unit
+        self._stats = stats
+        self._on_written = on_written
+        self._pending: list[tuple[bytes, str | None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.failed: BaseException | None = None
+        self.unwritten = 0
+
+    def add(self, line: bytes, error_code: str | None) -> None:
+        """Queue one result line; `error_code` None means a success."""
+        if self.failed is not None:
+            self.interrupt()
+            return
+        self._pending.append((line, error_code))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending and self.failed is None:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.shield(self._unit.append(b"".join(line for line, _ in batch)))
+            except Exception as exc:  # noqa: BLE001 - the unit stops; every unwritten line is counted
+                self.failed = exc
+                for _ in range(len(batch) + len(self._pending)):
+                    self.interrupt()
+                self._pending = []
+                return
+            for _, code in batch:
+                if code is None:
+                    self._stats.succeeded += 1
+                else:
+                    self._stats.failed += 1
+                    self._stats.errors_by_code[code] += 1
+            self._on_written(len(batch))
+
+    def interrupt(self) -> None:
+        """An item of this unit ends this run without a record: the unit stays open for the next run."""
+        self.unwritten += 1
+        self._stats.interrupted += 1
+
+    async def close(self) -> None:
+        """Wait until every queued line is written (or the writer failed)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        if self._pending and self.failed is None:
+            await self._flush()
+
+
+class Pipeline:
+    """One run over a source into a sink."""
+
+    def __init__(
+        self,
+        *,
+        source: Source,
+        sink: Sink,
+        caller: Caller,
+        limits: PipelineLimits,
+        stats: RunStats,
+        exclude: Callable[[str], bool] = lambda _path: False,
+        on_progress: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        self._source = source
+        self._sink = sink
+        self._caller = caller
+        self._limits = limits
+        self._stats = stats
+        self._exclude = exclude
+        self._on_progress = on_progress
+        self._slots = asyncio.Semaphore(limits.concurrency)
+        self._open_units = asyncio.Semaphore(max(4, 2 * limits.concurrency))
+        self._calls: set[asyncio.Task[Outcome]] = set()
+        self._stopping = asyncio.Event()
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.work_remains = False
+        self.fatal: ConfigError | None = None
+
+    def request_stop(self, drain_seconds: float) -> None:
+        """Stop taking work now; cancel calls still in flight after `drain_seconds`."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.warning("run.stopping", in_flight=len(self._calls), drain_seconds=drain_seconds)
+        self._drain_timer = asyncio.get_running_loop().call_later(drain_seconds, self._cancel_calls)
+
+    def _cancel_calls(self) -> None:
+        for task in list(self._calls):
+            task.cancel()
+
+    def _fail(self, error: ConfigError) -> None:
+        if self.fatal is None:
+            self.fatal = error
+            log.error("run.fatal", error=str(error))
+        self.request_stop(0)
+
+    async def run(self) -> None:
+        finished = await self._sink.finished_units()
+        units: set[asyncio.Task[None]] = set()
+        try:
+            async for file in self._source.list_files():
+                if self._stopping.is_set():
+                    self.work_remains = True
+                    break
+                if self._exclude(file.path):
+                    continue
+                if formats.input_kind(file.path) is None:
+                    log.info(
+                        "input.skipped", file=file.path, reason="not an input type (.txt .md .json .jsonl)"
+                    )
+                    self._stats.problem(file=file.path, code="unsupported_file_type")
+                    continue
+                done_items = finished.get(formats.result_path(file.path))
+                if done_items is not None:
+                    self._stats.total += done_items
+                    self._stats.skipped += done_items
+                    self._stats.units_skipped += 1
+                    self._on_progress(done_items)
+                    continue
+                await self._open_units.acquire()
+                task = asyncio.create_task(self._run_unit(file), name=f"unit:{file.path}")
+                units.add(task)
+                task.add_done_callback(units.discard)
+        except ConfigError as error:
+            self._fail(error)
+        finally:
+            if units:
+                await asyncio.gather(*units, return_exceptions=True)
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+        if self.fatal is not None:
+            raise self.fatal
+
+    async def _run_unit(self, file: SourceFile) -> None:
+        try:
+            unit = await self._sink.claim(formats.result_path(file.path))
+        except ConfigError as error:
+            self._open_units.release()
+            self._fail(error)
+            return
+        except Exception as exc:  # noqa: BLE001 - one unit's storage trouble does not stop the others
+            self._open_units.release()
+            self.work_remains = True
+            log.warning("unit.claim_failed", file=file.path, error=type(exc).__name__, detail=str(exc)[:300])
+            return
+        if unit is None:
+            self._open_units.release()
+            self._stats.units_held_elsewhere += 1
+            log.info("unit.held_elsewhere", file=file.path)
+            return
+        try:
+            await self._work_unit(file, unit)
+        finally:
+            self._open_units.release()
+
+    async def _work_unit(self, file: SourceFile, unit: ClaimedUnit) -> None:
+        writer = UnitWriter(unit, self._stats, self._on_progress)
+        pending: set[asyncio.Task[None]] = set()
+        items = 0
+        complete = True
+        bound = structlog.contextvars.bound_contextvars(file=file.path)
+        with bound:
+            try:
+                async for parsed in self._items(file):
+                    if isinstance(parsed, Duplicate):
+                        log.warning("input.duplicate_custom_id", custom_id=parsed.custom_id, line=parsed.line)
+                        self._stats.problem(
+                            file=file.path,
+                            line=parsed.line,
+                            custom_id=parsed.custom_id,
+                            code="duplicate_custom_id",
+                        )
+                        continue
+                    items += 1
+                    self._stats.total += 1
+                    if parsed.custom_id in unit.done_ids:
+                        self._stats.skipped += 1
+                        self._on_progress(1)
+                        continue
+                    if isinstance(parsed, Rejected):
+                        log.warning(
+                            "input.rejected",
+                            custom_id=parsed.custom_id,
+                            code=parsed.code,
+                            reason=parsed.message,
+                        )
+                        self._stats.problem(
+                            file=file.path, line=parsed.line, custom_id=parsed.custom_id, code=parsed.code
+                        )
+                        writer.add(
+                            formats.result_line(
+                                parsed.custom_id, error=formats.error_record(parsed.code, parsed.message)
+                            ),
+                            parsed.code,
+                        )
+                        continue
+                    if self._stopping.is_set() or writer.failed is not None:
+                        complete = False
+                        break
+                    await self._slots.acquire()
+                    if self._stopping.is_set():
+                        self._slots.release()
+                        complete = False
+                        break
+                    call = asyncio.create_task(self._caller.call(parsed))
+                    self._calls.add(call)
+                    call.add_done_callback(self._calls.discard)
+                    task = asyncio.create_task(self._record(parsed, call, writer))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            except ConfigError as error:
+                complete = False
+                self._fail(error)
+            except Exception as exc:  # noqa: BLE001 - reading failed: the unit stays open for the next run
+                complete = False
+                self.work_remains = True
+                log.warning("unit.read_failed", error=type(exc).__name__, detail=str(exc)[:300])
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            await writer.close()
+            complete = complete and writer.failed is None and writer.unwritten == 0
+            await self._close_unit(unit, writer, complete, items)
+
+    async def _close_unit(self, unit: ClaimedUnit, writer: UnitWriter, complete: bool, items: int) -> None:
+        try:
+            if complete:
+                await unit.finish(items)
+                self._stats.units_done += 1
+                log.info("unit.done", items=items)
+            else:
+                self.work_remains = True
+                await unit.release()
+                if isinstance(writer.failed, LeaseLost):
+                    log.warning("unit.lease_lost")
+                elif writer.failed is not None:
+                    log.warning(
+                        "unit.write_failed",
+                        error=type(writer.failed).__name__,
+                        detail=str(writer.failed)[:300],
+                    )
+        except ConfigError as error:
+            self._fail(error)
+        except Exception as exc:  # noqa: BLE001 - the results are written; the marker is retried next run
+            self.work_remains = True
+            log.warning("unit.close_failed", error=type(exc).__name__, detail=str(exc)[:300])
+
+    async def _record(self, request: Request, call: asyncio.Task[Outcome], writer: UnitWriter) -> None:
+        """Wait for one call and queue its result line; a cancelled call is interrupted, not failed."""
+        try:
+            outcome = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.cancel()
+            writer.interrupt()
+            return
+        except ConfigError as error:
+            self._fail(error)
+            writer.interrupt()
+            return
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure leaves the item for the next run
+            log.error(
+                "item.crashed", custom_id=request.custom_id, error=type(exc).__name__, detail=str(exc)[:300]
+            )
+            writer.interrupt()
+            return
+        finally:
+            self._slots.release()
+        if outcome.error is not None:
+            log.warning("item.failed", custom_id=request.custom_id, code=outcome.error["code"])
+        line = formats.result_line(request.custom_id, response=outcome.response, error=outcome.error)
+        writer.add(line, None if outcome.error is None else outcome.error["code"])
+
+    async def _items(self, file: SourceFile) -> AsyncIterator[Parsed]:
+        kind = formats.input_kind(file.path)
+        limit = self._limits.max_jsonl_bytes if kind == "batch" else self._limits.max_prompt_bytes
+        if file.size > limit:
+            yield Rejected(
+                file.path, "file_too_large", f"{file.path} is {file.size} bytes; the limit is {limit}"
+            )
+            return
+        if kind == "batch":
+            parser = formats.BatchFileParser(file.path, parameters=dict(self._limits.parameters))
+            number = 0
+            async for raw in self._source.read_lines(file.path):
+                number += 1
+                parsed = parser.parse_line(number, raw)
+                if parsed is not None:
+                    yield parsed
+            if parser.items == 0:
+                yield Rejected(file.path, "empty_input", f"{file.path} holds no request lines")
+            return
+        data = await self._source.read(file.path)
+        if kind == "prompt":
+            yield formats.parse_prompt_file(
+                file.path,
+                data,
+                system_prompt=self._limits.system_prompt,
+                parameters=dict(self._limits.parameters),
+            )
+        else:
+            yield formats.parse_body_file(file.path, data, parameters=dict(self._limits.parameters))

@@ -1,0 +1,284 @@
+"""One frozen Settings object, read once at start-up: command-line flags > environment > job file > defaults.
+
+`OPTIONS` is the single table of every setting (flag, environment variables, job-file key, default, help).
+The CLI, the error messages for missing settings and the README's configuration table all come from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from worker.errors import ConfigError
+
+AuthMode = Literal[
+    "auto",
+    "managed-identity",
+    "service-principal",
+    "workload-identity",
+    "azure-cli",
+    "interactive",
+    "gcp-federation",
+    "api-key",
+]
+AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
+LogFormat = Literal["auto", "json", "console"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Option:
+    """How one setting is named on each layer."""
+
+    name: str
+    flag: str | None
+    env: tuple[str, ...]
+    job_key: str | None
+    help: str
+    secret: bool = False
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        name="source",
+        flag="--source",
+        env=("WORKER_SOURCE",),
+        job_key="source",
+        help="Folder of prompt files: a local directory or a blob URL (https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX).",
+    ),
+    Option(
+        name="sink",
+        flag="--sink",
+        env=("WORKER_SINK",),
+        job_key="sink",
+        help="Folder for results: a local directory or a blob URL. Created when missing and permitted.",
+    ),
+    Option(
+        name="deployment",
+        flag="--deployment",
+        env=("AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_CHAT_DEPLOYMENT"),
+        job_key="deployment",
+        help="Azure OpenAI deployment for requests whose body names no `model`.",
+    ),
+    Option(
+        name="auth",
+        flag="--auth",
+        env=("WORKER_AUTH",),
+        job_key="auth",
+        help="How to authenticate: " + ", ".join(AUTH_MODES) + ".",
+    ),
+    Option(
+        name="concurrency",
+        flag="--concurrency",
+        env=("WORKER_CONCURRENCY",),
+        job_key="limits.concurrency",
+        help="Azure OpenAI requests in flight at most.",
+    ),
+    Option(
+        name="request_timeout",
+        flag="--request-timeout",
+        env=("WORKER_REQUEST_TIMEOUT",),
+        job_key="limits.request_timeout",
+        help="Seconds one attempt may take before it is abandoned and retried.",
+    ),
+    Option(
+        name="max_attempts",
+        flag="--max-attempts",
+        env=("WORKER_MAX_ATTEMPTS",),
+        job_key="limits.max_attempts",
+        help="Attempts per item before a final error record is written.",
+    ),
+    Option(
+        name="tpm",
+        flag="--tpm",
+        env=("WORKER_TPM",),
+        job_key="limits.tpm",
+        help="The deployment's tokens-per-minute quota; unset = learned from the service's rate-limit headers.",
+    ),
+    Option(
+        name="rpm",
+        flag="--rpm",
+        env=("WORKER_RPM",),
+        job_key="limits.rpm",
+        help="The deployment's requests-per-minute quota; unset = learned from the service's headers.",
+    ),
+    Option(
+        name="drain_seconds",
+        flag="--drain-seconds",
+        env=("WORKER_DRAIN_SECONDS",),
+        job_key="limits.drain_seconds",
+        help="On SIGTERM/SIGINT, seconds to let in-flight calls finish before they are abandoned for a rerun.",
+    ),
+    Option(
+        name="endpoint",
+        flag="--endpoint",
+        env=("AZURE_OPENAI_ENDPOINT",),
+        job_key="endpoint",
+        help="Azure OpenAI endpoint, https://RESOURCE.openai.azure.com.",
+    ),
+    Option(
+        name="api_version",
+        flag="--api-version",
+        env=("OPENAI_API_VERSION",),
+        job_key="api_version",
+        help="Azure OpenAI data-plane API version.",
+    ),
+    Option(
+        name="api_key",
+        flag=None,
+        env=("AZURE_OPENAI_API_KEY",),
+        job_key=None,
+        help="Azure OpenAI key, used only with --auth api-key (never put it in a job file).",
+        secret=True,
+    ),
+    Option(
+        name="storage_connection_string",
+        flag=None,
+        env=("AZURE_STORAGE_CONNECTION_STRING",),
+        job_key=None,
+        help="Storage connection string; when set, storage uses it instead of the Entra credential.",
+        secret=True,
+    ),
+    Option(
+        name="system_prompt",
+        flag=None,
+        env=("WORKER_SYSTEM_PROMPT",),
+        job_key="system_prompt",
+        help="System message added to .txt/.md prompts.",
+    ),
+    Option(
+        name="run_id",
+        flag="--run-id",
+        env=("WORKER_RUN_ID", "CONTAINER_APP_JOB_EXECUTION_NAME"),
+        job_key=None,
+        help="Name of this run's manifest; defaults to the Container Apps execution name or a timestamp.",
+    ),
+    Option(
+        name="log_format",
+        flag="--log-format",
+        env=("WORKER_LOG_FORMAT",),
+        job_key=None,
+        help="json (one JSON object a line, for Log Analytics), console (progress bar), or auto (console in a TTY).",
+    ),
+)
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+DEFAULT_API_VERSION = "2024-10-21"
+
+
+class Settings(BaseModel):
+    """Everything the run needs, validated once. Secrets are SecretStr so they never print."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str | None = None
+    sink: str | None = None
+    deployment: str | None = None
+    auth: AuthMode = "auto"
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    request_timeout: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    tpm: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    drain_seconds: float = Field(default=20.0, ge=0, le=25)
+    endpoint: str | None = None
+    api_version: str = DEFAULT_API_VERSION
+    api_key: SecretStr | None = None
+    storage_connection_string: SecretStr | None = None
+    system_prompt: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    run_id: str | None = None
+    log_format: LogFormat = "auto"
+    job_file: str | None = None
+    max_prompt_bytes: int = 8 * 1024 * 1024
+    max_jsonl_bytes: int = 200 * 1024 * 1024
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be a URL such as https://RESOURCE.openai.azure.com")
+        return value.rstrip("/") if value else value
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError naming every missing setting and how to set it."""
+        missing = [name for name in names if getattr(self, name) in (None, "")]
+        if missing:
+            raise ConfigError("missing setting: " + "; ".join(describe(name) for name in missing))
+
+
+def describe(name: str) -> str:
+    """`--sink / WORKER_SINK / job file key sink (help)` for messages."""
+    option = OPTIONS_BY_NAME[name]
+    ways = [w for w in (option.flag, *option.env) if w]
+    if option.job_key:
+        ways.append(f"job file key `{option.job_key}`")
+    return f"{' or '.join(ways)} ({option.help})"
+
+
+def load_job_file(path: Path) -> dict[str, Any]:
+    """Read a TOML job file into flat setting names. Unknown keys are an error (typos must not pass)."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+
+    by_key = {option.job_key: option.name for option in OPTIONS if option.job_key}
+    values: dict[str, Any] = {}
+    for section, content in document.items():
+        if section == "parameters":
+            if not isinstance(content, dict):
+                raise ConfigError(f"job file {path}: [parameters] must be a table of request parameters")
+            values["parameters"] = content
+        elif isinstance(content, dict) and section in ("job", "limits"):
+            for key, value in content.items():
+                dotted = key if section == "job" else f"limits.{key}"
+                if dotted not in by_key:
+                    raise ConfigError(f"job file {path}: unknown key `{key}` in [{section}]")
+                values[by_key[dotted]] = value
+        elif section in by_key:
+            values[by_key[section]] = content
+        else:
+            raise ConfigError(f"job file {path}: unknown key `{section}`")
+    return values
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the environment sets; empty variables count as unset."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        for variable in option.env:
+            if environ.get(variable):
+                values[option.name] = environ[variable]
+                break
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, job_file: str | None = None
+) -> Settings:
+    """Merge flags > environment > job file > defaults into one validated Settings."""
+    environ = os.environ if environ is None else environ
+    job_file = job_file or environ.get("WORKER_JOB_FILE") or None
+    merged: dict[str, Any] = {}
+    if job_file:
+        merged.update(load_job_file(Path(job_file)))
+        merged["job_file"] = job_file
+    merged.update(from_environment(environ))
+    merged.update({name: value for name, value in flags.items() if value is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            where = describe(name) if name in OPTIONS_BY_NAME else name
+            problems.append(f"{where}: {error['msg']}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None

@@ -1,0 +1,80 @@
+"""Where items come from (Source) and where results go (Sink): a local folder or a blob prefix.
+
+A *work unit* is one input file. Its results live in one result file under the sink, named by
+`formats.result_path`. A unit is *claimed* before work starts (a blob lease, or a file lock locally), so
+overlapping runs and replicas never work on the same unit at once; a claimed unit reports the custom_ids
+already recorded so a rerun only does what is missing; a finished unit is marked so the next run skips
+it without reading it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """One file under SOURCE; `path` is relative to SOURCE with '/' separators."""
+
+    path: str
+    size: int
+
+
+class Source(Protocol):
+    """Read-only access to the input folder."""
+
+    def list_files(self) -> AsyncIterator[SourceFile]:
+        """Every file under SOURCE, recursively, streamed in name order."""
+        ...
+
+    async def read(self, path: str) -> bytes:
+        """The whole content of a (small) file."""
+        ...
+
+    def read_lines(self, path: str) -> AsyncIterator[bytes]:
+        """The file's lines without their line endings, streamed in chunks (flat memory for large files)."""
+        ...
+
+
+class ClaimedUnit(Protocol):
+    """A work unit this process holds: the only writer of its result file until released."""
+
+    done_ids: set[str]
+
+    async def append(self, data: bytes) -> None:
+        """Append complete result lines durably; raises LeaseLost when the claim is gone."""
+        ...
+
+    async def finish(self, items: int) -> None:
+        """Mark the unit complete (all `items` recorded) and release the claim."""
+        ...
+
+    async def release(self) -> None:
+        """Release the claim without marking the unit complete (work remains)."""
+        ...
+
+
+class Sink(Protocol):
+    """The output folder: result files, the worker's own `_` folders, run manifests."""
+
+    async def prepare(self) -> None:
+        """Create the folder/container when missing and prove that writing works (ConfigError if not)."""
+        ...
+
+    async def finished_units(self) -> dict[str, int]:
+        """Result paths of units marked complete → their item counts."""
+        ...
+
+    async def claim(self, result_path: str) -> ClaimedUnit | None:
+        """Claim a unit; None when another live process holds it or it was finished meanwhile."""
+        ...
+
+    async def write_manifest(self, run_id: str, data: bytes) -> str:
+        """Write `_runs/<run_id>.json`; returns where it went."""
+        ...
+
+
+MANIFEST_FOLDER = "_runs"
+STATE_FOLDER = "_state"

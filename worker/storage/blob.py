@@ -1,0 +1,279 @@
+"""A blob prefix as SOURCE or SINK (azure.storage.blob.aio).
+
+Result files are append blobs. Each append is conditional on the blob's length
+(`appendpos_condition`), so a retried append never writes a line twice. A unit is claimed with a blob
+lease on its result file, renewed while held; a finished unit carries the metadata
+`worker_complete=true` and `worker_items=N`, which a listing returns, so a rerun skips it unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, NoReturn
+
+import structlog
+from azure.core import MatchConditions
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
+
+from worker.errors import AccessDenied, ConfigError, LeaseLost
+from worker.formats import RESULT_SUFFIX, custom_ids_in
+from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
+
+log = structlog.get_logger("worker.storage")
+
+LEASE_SECONDS = 30
+RENEW_EVERY_SECONDS = 10
+MAX_APPEND_BYTES = 4 * 1024 * 1024
+COMPLETE_KEY = "worker_complete"
+ITEMS_KEY = "worker_items"
+LEASE_GONE_CODES = {
+    "LeaseIdMismatchWithBlobOperation",
+    "LeaseNotPresentWithBlobOperation",
+    "LeaseLost",
+    "LeaseIdMismatchWithLeaseOperation",
+    "LeaseNotPresentWithLeaseOperation",
+    "LeaseIsBrokenAndCannotBeRenewed",
+}
+
+ROLE_HINT = (
+    "the identity needs the 'Storage Blob Data Contributor' role on the storage account "
+    "('Storage Blob Data Reader' is enough for a source); run `worker doctor` to see which principal the "
+    "worker runs as"
+)
+
+
+def storage_error_code(exc: HttpResponseError) -> str:
+    """The `x-ms-error-code` of a storage error ("" when there is none)."""
+    return str(getattr(exc, "error_code", None) or "")
+
+
+def access_problem(exc: HttpResponseError, action: str, where: str) -> ConfigError | None:
+    """A storage refusal that no retry will fix, as a ConfigError that says what to do; else None."""
+    code = storage_error_code(exc)
+    if (
+        exc.status_code == 403 and code.startswith("AuthorizationPermission")
+    ) or code == "AuthorizationFailure":
+        return AccessDenied(f"storage refused to {action} {where} ({code}): {ROLE_HINT}")
+    if exc.status_code in (401, 403):
+        return AccessDenied(
+            f"storage did not accept the credential to {action} {where} ({code or exc.status_code}): check that "
+            "the token is for the right tenant (AZURE_TENANT_ID) and that the account URL is right"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, where: str) -> Iterator[None]:
+    """Turn permanent storage refusals into ConfigError; everything else propagates unchanged."""
+    try:
+        yield
+    except HttpResponseError as exc:
+        problem = access_problem(exc, action, where)
+        if problem is not None:
+            raise problem from None
+        raise
+
+
+class BlobSource:
+    """Reads input blobs under a prefix."""
+
+    def __init__(self, container: ContainerClient, prefix: str, where: str) -> None:
+        self._container = container
+        self._prefix = prefix
+        self._where = where
+
+    async def list_files(self) -> AsyncIterator[SourceFile]:
+        with storage_errors("list", self._where):
+            try:
+                async for blob in self._container.list_blobs(name_starts_with=self._prefix or None):
+                    if blob.name.endswith("/"):
+                        continue
+                    yield SourceFile(blob.name[len(self._prefix) :], blob.size or 0)
+            except ResourceNotFoundError:
+                raise ConfigError(f"source container {self._where} does not exist: check --source") from None
+
+    async def read(self, path: str) -> bytes:
+        with storage_errors("read", f"{self._where}{path}"):
+            downloader = await self._container.download_blob(self._prefix + path)
+            return await downloader.readall()
+
+    async def read_lines(self, path: str) -> AsyncIterator[bytes]:
+        with storage_errors("read", f"{self._where}{path}"):
+            downloader = await self._container.download_blob(self._prefix + path)
+            tail = b""
+            async for chunk in downloader.chunks():
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    yield line.rstrip(b"\r")
+            if tail:
+                yield tail.rstrip(b"\r")
+
+
+class BlobUnit:
+    """An append blob held under a renewed lease."""
+
+    def __init__(self, blob: BlobClient, lease: BlobLeaseClient, length: int, done_ids: set[str]) -> None:
+        self._blob = blob
+        self._lease = lease
+        self._length = length
+        self._lost = False
+        self.done_ids = done_ids
+        self._renewer = asyncio.create_task(self._keep_lease(), name=f"lease:{blob.blob_name}")
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_SECONDS)
+            try:
+                await self._lease.renew()
+            except HttpResponseError as exc:
+                if storage_error_code(exc) in LEASE_GONE_CODES or exc.status_code == 409:
+                    self._lost = True
+                    log.warning("unit.lease_lost", blob=self._blob.blob_name, code=storage_error_code(exc))
+                    return
+                log.warning(
+                    "unit.lease_renew_failed", blob=self._blob.blob_name, code=storage_error_code(exc)
+                )
+            except Exception as exc:  # noqa: BLE001 - a renewal hiccup is retried at the next tick
+                log.warning("unit.lease_renew_failed", blob=self._blob.blob_name, error=type(exc).__name__)
+
+    def _check(self) -> None:
+        if self._lost:
+            raise LeaseLost(f"lease on {self._blob.blob_name} was lost")
+
+    async def append(self, data: bytes) -> None:
+        self._check()
+        start = 0
+        while start < len(data):
+            end = (
+                len(data)
+                if len(data) - start <= MAX_APPEND_BYTES
+                else data.rfind(b"\n", start, start + MAX_APPEND_BYTES) + 1
+            )
+            if end <= start:
+                raise ValueError("a single result line exceeds 4 MiB")
+            await self._append_once(data[start:end])
+            start = end
+
+    async def _append_once(self, block: bytes) -> None:
+        try:
+            await self._blob.append_block(block, lease=self._lease, appendpos_condition=self._length)
+        except HttpResponseError as exc:
+            if storage_error_code(exc) in LEASE_GONE_CODES:
+                self._lost = True
+                raise LeaseLost(f"lease on {self._blob.blob_name} was lost") from None
+            if storage_error_code(exc) != "AppendPositionConditionNotMet":
+                with storage_errors("write", self._blob.blob_name):
+                    raise
+            # A retried request may have landed the first time: the length tells.
+            properties = await self._blob.get_blob_properties(lease=self._lease)
+            if properties.size != self._length + len(block):
+                raise
+        self._length += len(block)
+
+    async def finish(self, items: int) -> None:
+        self._check()
+        with storage_errors("mark complete", self._blob.blob_name):
+            await self._blob.set_blob_metadata(
+                {COMPLETE_KEY: "true", ITEMS_KEY: str(items)}, lease=self._lease
+            )
+        await self.release()
+
+    async def release(self) -> None:
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        if not self._lost:
+            with contextlib.suppress(HttpResponseError):
+                await self._lease.release()
+
+
+class BlobSink:
+    """Writes result append blobs, completion metadata and manifests under a prefix."""
+
+    def __init__(self, container: ContainerClient, prefix: str, where: str) -> None:
+        self._container = container
+        self._prefix = prefix
+        self._where = where
+
+    async def prepare(self) -> None:
+        try:
+            await self._container.create_container()
+            log.info("sink.container_created", container=self._container.container_name)
+        except ResourceExistsError:
+            pass
+        except HttpResponseError as exc:
+            problem = access_problem(exc, "create the container", self._where)
+            if problem is not None:
+                raise ConfigError(
+                    f"{problem} — or create the container {self._container.container_name} yourself"
+                ) from None
+            raise
+        probe = self._container.get_blob_client(f"{self._prefix}{STATE_FOLDER}/probe-{uuid.uuid4().hex}")
+        with storage_errors("write", self._where):
+            await probe.upload_blob(b"probe", overwrite=True)
+            await probe.delete_blob()
+
+    async def finished_units(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        with storage_errors("list", self._where):
+            async for blob in self._container.list_blobs(
+                name_starts_with=self._prefix or None, include=["metadata"]
+            ):
+                metadata = blob.metadata or {}
+                if blob.name.endswith(RESULT_SUFFIX) and metadata.get(COMPLETE_KEY) == "true":
+                    with contextlib.suppress(ValueError):
+                        found[blob.name[len(self._prefix) :]] = int(metadata.get(ITEMS_KEY, "0"))
+        return found
+
+    async def claim(self, result_path: str) -> BlobUnit | None:
+        blob = self._container.get_blob_client(self._prefix + result_path)
+        where = f"{self._where}{result_path}"
+        with storage_errors("write", where):
+            with contextlib.suppress(ResourceExistsError, ResourceNotFoundError):
+                await blob.create_append_blob(match_condition=MatchConditions.IfMissing)
+            lease = BlobLeaseClient(blob)
+            try:
+                await lease.acquire(lease_duration=LEASE_SECONDS)
+            except HttpResponseError as exc:
+                if exc.status_code == 409:
+                    return None
+                raise
+            try:
+                properties = await blob.get_blob_properties(lease=lease)
+                if (properties.metadata or {}).get(COMPLETE_KEY) == "true":
+                    await lease.release()
+                    return None
+                if properties.blob_type != "AppendBlob":
+                    _not_append_blob(where)
+                done_ids: set[str] = set()
+                length = properties.size
+                if length:
+                    data = await (await blob.download_blob(lease=lease)).readall()
+                    done_ids, _ = custom_ids_in(data)
+                    length = len(data)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await lease.release()
+                raise
+        return BlobUnit(blob, lease, length, done_ids)
+
+    async def write_manifest(self, run_id: str, data: bytes) -> str:
+        name = f"{self._prefix}{MANIFEST_FOLDER}/{run_id}.json"
+        with storage_errors("write", self._where):
+            await self._container.upload_blob(name, data, overwrite=True, **_json_content())
+        return f"{self._where}{MANIFEST_FOLDER}/{run_id}.json"
+
+
+def _not_append_blob(where: str) -> NoReturn:
+    raise ConfigError(f"{where} exists and is not an append blob: move it out of the sink")
+
+
+def _json_content() -> dict[str, Any]:
+    from azure.storage.blob import ContentSettings
+
+    return {"content_settings": ContentSettings(content_type="application/json")}

@@ -1,0 +1,155 @@
+"""A local folder as SOURCE or SINK (aiofiles). Claims are `fcntl.flock` locks, released by the OS on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiofiles
+
+from worker.errors import ConfigError
+from worker.formats import custom_ids_in
+from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
+
+READ_CHUNK = 1024 * 1024
+
+
+def _scan(directory: Path) -> tuple[list[Path], list[SourceFile], Path]:
+    folders: list[Path] = []
+    files: list[SourceFile] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+            elif entry.is_file():
+                files.append(SourceFile(entry.path, entry.stat().st_size))
+    return folders, files, directory
+
+
+class LocalSource:
+    """Reads input files under a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def list_files(self) -> AsyncIterator[SourceFile]:
+        if not self.root.is_dir():
+            raise ConfigError(f"source {self.root} is not a folder: create it or point --source at a folder")
+        pending = [self.root]
+        while pending:
+            folders, files, _ = await asyncio.to_thread(_scan, pending.pop())
+            pending.extend(sorted(folders, reverse=True))
+            for found in sorted(files, key=lambda f: f.path):
+                yield SourceFile(Path(found.path).relative_to(self.root).as_posix(), found.size)
+
+    async def read(self, path: str) -> bytes:
+        async with aiofiles.open(self.root / path, "rb") as file:
+            return await file.read()
+
+    async def read_lines(self, path: str) -> AsyncIterator[bytes]:
+        tail = b""
+        async with aiofiles.open(self.root / path, "rb") as file:
+            while chunk := await file.read(READ_CHUNK):
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    yield line.rstrip(b"\r")
+        if tail:
+            yield tail.rstrip(b"\r")
+
+
+class LocalUnit:
+    """A result file held under an exclusive, non-blocking flock on its lock file."""
+
+    def __init__(self, result: Path, marker: Path, lock_fd: int, done_ids: set[str]) -> None:
+        self._result = result
+        self._marker = marker
+        self._lock_fd: int | None = lock_fd
+        self.done_ids = done_ids
+
+    async def append(self, data: bytes) -> None:
+        async with aiofiles.open(self._result, "ab") as file:
+            await file.write(data)
+            await file.flush()
+
+    async def finish(self, items: int) -> None:
+        self._marker.parent.mkdir(parents=True, exist_ok=True)
+        self._marker.write_text(json.dumps({"items": items}), encoding="utf-8")
+        await self.release()
+
+    async def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class LocalSink:
+    """Writes result files, markers and manifests under a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def prepare(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / STATE_FOLDER / f".probe-{os.getpid()}"
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"probe")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"sink {self.root} is not writable ({exc.strerror}): fix its permissions"
+            ) from None
+
+    async def finished_units(self) -> dict[str, int]:
+        state = self.root / STATE_FOLDER
+        if not state.is_dir():
+            return {}
+
+        def scan() -> dict[str, int]:
+            found: dict[str, int] = {}
+            for marker in state.rglob("*.done"):
+                try:
+                    items = int(json.loads(marker.read_text(encoding="utf-8"))["items"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                found[marker.relative_to(state).as_posix().removesuffix(".done")] = items
+            return found
+
+        return await asyncio.to_thread(scan)
+
+    async def claim(self, result_path: str) -> LocalUnit | None:
+        result = self.root / result_path
+        marker = self.root / STATE_FOLDER / f"{result_path}.done"
+        lock = self.root / STATE_FOLDER / f"{result_path}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        result.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if marker.exists():
+            os.close(fd)
+            return None
+        done_ids: set[str] = set()
+        if result.exists():
+            data = result.read_bytes()
+            done_ids, complete = custom_ids_in(data)
+            if complete < len(data):
+                with result.open("r+b") as file:
+                    file.truncate(complete)
+        return LocalUnit(result, marker, fd, done_ids)
+
+    async def write_manifest(self, run_id: str, data: bytes) -> str:
+        path = self.root / MANIFEST_FOLDER / f"{run_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+        return str(path)
