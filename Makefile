@@ -28,6 +28,7 @@ test: deps lint types unit
 lint:
 	$(BIN)/ruff check worker tests scripts
 	$(BIN)/ruff format --check worker tests scripts
+	$(BIN)/hadolint Dockerfile
 
 types:
 	$(BIN)/mypy

@@ -1,0 +1,96 @@
+"""Running the `worker` CLI as a subprocess against the local stack, and reading what it wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.stack import LocalStack
+
+WORKER = str(Path(sys.executable).parent / "worker")
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        last = json.loads(self.stdout.strip().splitlines()[-1])
+        assert last["event"] == "run.summary", last
+        return last
+
+
+def run_worker(
+    stack: LocalStack,
+    *args: str,
+    auth: str = "managed-identity",
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> Run:
+    environment = {**stack.worker_env(auth), "WORKER_LOG_FORMAT": "json", **(env or {})}
+    done = subprocess.run(
+        [WORKER, "run", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def new_container(stack: LocalStack, prefix: str = "t") -> str:
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    stack.blob_service().create_container(name)
+    return name
+
+
+def upload(stack: LocalStack, container: str, files: dict[str, bytes]) -> None:
+    client = stack.blob_service().get_container_client(container)
+    for name, data in files.items():
+        client.upload_blob(name, data, overwrite=True)
+
+
+def results(stack: LocalStack, container: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Every result line under the sink, excluding the worker's own `_` folders."""
+    client = stack.blob_service().get_container_client(container)
+    records: list[dict[str, Any]] = []
+    for blob in client.list_blobs(name_starts_with=prefix or None):
+        relative = blob.name[len(prefix) :]
+        if relative.startswith("_") or not blob.name.endswith(".results.jsonl"):
+            continue
+        for line in client.download_blob(blob.name).readall().splitlines():
+            records.append(json.loads(line))
+    return records
+
+
+def manifest(stack: LocalStack, container: str, prefix: str, run_id: str) -> dict[str, Any]:
+    client = stack.blob_service().get_container_client(container)
+    return json.loads(client.download_blob(f"{prefix}_runs/{run_id}.json").readall())
+
+
+def batch_line(custom_id: str, text: str, **body: Any) -> bytes:
+    request = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": text}], **body},
+    }
+    return json.dumps(request).encode()
+
+
+def answer_text(record: dict[str, Any]) -> str:
+    return str(record["response"]["body"]["choices"][0]["message"]["content"])
