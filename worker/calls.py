@@ -1,7 +1,7 @@
 """One request → one Azure OpenAI call, retried at this one layer (the SDK's own retries are off).
 
 Every failure is classified once, here (`classify`):
-- RETRY: 429, 408, 409, 5xx, timeouts, connection errors. Wait what the service asked
+- RETRY: 429, 408, 409, 5xx, timeouts, connection errors (to Azure OpenAI or to the token endpoint). Wait what the service asked
   (`retry-after-ms`, then `retry-after`; a 429 pauses the whole deployment), else jittered exponential
   backoff; at most `max_attempts` attempts, then a final error record.
 - REAUTH: 401 with an Entra token. The shared cache fetches a *fresh* token and the call is retried;
@@ -26,6 +26,7 @@ from typing import Any
 import httpx2
 import openai
 import structlog
+from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from worker.errors import AccessDenied, ConfigError
@@ -51,8 +52,12 @@ class Verdict(enum.Enum):
 
 def classify(exc: BaseException) -> Verdict:
     """What to do about a failed attempt."""
-    if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
-        return Verdict.RETRY
+    if isinstance(
+        exc, openai.APITimeoutError | openai.APIConnectionError | ServiceRequestError | ServiceResponseError
+    ):
+        return (
+            Verdict.RETRY
+        )  # the last two: the token endpoint was unreachable (e.g. the identity endpoint restarting)
     if isinstance(exc, ConfigError):
         return Verdict.FATAL
     if not isinstance(exc, openai.APIStatusError):

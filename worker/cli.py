@@ -80,6 +80,7 @@ def run(
     drain_seconds: Annotated[
         float | None, typer.Option(help=_help("drain_seconds") + " [default: 20]")
     ] = None,
+    lease_seconds: Annotated[int | None, typer.Option(help=_help("lease_seconds") + " [default: 30]")] = None,
     endpoint: Annotated[str | None, typer.Option(help=_help("endpoint"))] = None,
     api_version: Annotated[str | None, typer.Option(help=_help("api_version"))] = None,
     run_id: Annotated[str | None, typer.Option(help=_help("run_id"))] = None,
@@ -100,6 +101,7 @@ def run(
         "tpm": tpm,
         "rpm": rpm,
         "drain_seconds": drain_seconds,
+        "lease_seconds": lease_seconds,
         "endpoint": endpoint,
         "api_version": api_version,
         "run_id": run_id,
@@ -111,6 +113,35 @@ def run(
     result = asyncio.run(run_job(settings)) if json_lines else _run_with_progress(settings)
     _print_summary(result, json_lines)
     raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def doctor(
+    source: Annotated[str | None, typer.Option(help=_help("source"), show_default=False)] = None,
+    sink: Annotated[str | None, typer.Option(help=_help("sink"), show_default=False)] = None,
+    deployment: Annotated[str | None, typer.Option(help=_help("deployment"), show_default=False)] = None,
+    auth: Annotated[str | None, typer.Option(help=_help("auth"), show_default=False)] = None,
+    endpoint: Annotated[str | None, typer.Option(help=_help("endpoint"), show_default=False)] = None,
+    job: Annotated[str | None, typer.Option(help="TOML job file [env: WORKER_JOB_FILE]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of the screen.")] = False,
+) -> None:
+    """Explain what is misconfigured: credential and principal, DNS, tokens, source, sink, deployment."""
+    import json
+
+    from worker.doctor import diagnose, render
+
+    if auth is not None and auth not in AUTH_MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(AUTH_MODES)}", param_hint="--auth")
+    flags = {"source": source, "sink": sink, "deployment": deployment, "auth": auth, "endpoint": endpoint}
+    try:
+        settings = load_settings(flags, job_file=job)
+    except ConfigError as error:
+        typer.echo(f"FAIL  settings: {error}")
+        raise typer.Exit(EXIT_CONFIG) from None
+    logs.configure(json_lines=True, stream=sys.stderr)
+    report = asyncio.run(diagnose(settings))
+    typer.echo(json.dumps(report.as_dict()) if as_json else render(report))
+    raise typer.Exit(0 if report.ok else EXIT_CONFIG)
 
 
 def _run_with_progress(settings: Settings) -> RunResult:

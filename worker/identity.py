@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.exceptions import ClientAuthenticationError
+from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
 
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -33,6 +33,7 @@ log = structlog.get_logger("worker.identity")
 OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 REFRESH_MARGIN_SECONDS = 300
+TOKEN_ENDPOINT_RETRY_WAITS = (1.0, 2.0, 4.0)
 # A claims challenge asking for a token issued from now on: credentials skip their caches for it.
 _FRESH_CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}'
 
@@ -199,6 +200,10 @@ class SharedTokens(AsyncTokenCredential):
         self.fetches = 0
         self.refreshes = 0
 
+    @property
+    def credential(self) -> AsyncTokenCredential:
+        return self._credential
+
     def _slot(self, scope: str) -> _Slot:
         slot = self._slots.get(scope)
         if slot is None:
@@ -244,6 +249,21 @@ class SharedTokens(AsyncTokenCredential):
             return fresh.token != rejected
 
     async def _fetch(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
+        """One token request, retried while the token endpoint is unreachable (it restarts, too)."""
+        for wait in TOKEN_ENDPOINT_RETRY_WAITS:
+            try:
+                return await self._fetch_once(scope, fresh=fresh)
+            except (ServiceRequestError, ServiceResponseError) as exc:
+                log.warning(
+                    "identity.token_endpoint_unreachable",
+                    scope=scope,
+                    error=type(exc).__name__,
+                    retry_in_s=wait,
+                )
+                await asyncio.sleep(wait)
+        return await self._fetch_once(scope, fresh=fresh)
+
+    async def _fetch_once(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
         self.fetches += 1
         try:
             if fresh:

@@ -28,8 +28,9 @@ from worker.identity import first_line
 from worker.metrics import RunStats
 from worker.pipeline import Pipeline, PipelineLimits
 from worker.ratelimit import Budgets
-from worker.services import open_services
+from worker.services import Clients, open_clients
 from worker.settings import Settings
+from worker.storage import Sink
 from worker.storage.urls import BlobLocation, LocalLocation, Location, parse_location
 
 log = structlog.get_logger("worker")
@@ -143,88 +144,141 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
 async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = lambda _n: None) -> RunResult:
     """Run one job to an exit code. Never raises for configuration problems: they become exit 2."""
     result = RunResult(run_id=new_run_id(settings), exit_code=EXIT_DONE, stats=RunStats())
-    try:
-        settings.require("source", "sink", "endpoint")
-        source_at = parse_location(settings.source or "", what="--source")
-        sink_at = parse_location(settings.sink or "", what="--sink")
-        async with open_services(settings, source_at, sink_at) as services:
-            await services.sink.prepare()
-            caller = Caller(
-                services.openai,
-                tokens=services.tokens,
-                budgets=Budgets(tpm=settings.tpm, rpm=settings.rpm),
-                stats=result.stats,
-                default_deployment=settings.deployment,
-                max_attempts=settings.max_attempts,
-                request_timeout=settings.request_timeout,
-            )
-            pipeline = Pipeline(
-                source=services.source,
-                sink=services.sink,
-                caller=caller,
-                limits=PipelineLimits(
+    with Stopper(settings.drain_seconds) as stopper:
+        try:
+            settings.require("source", "sink", "endpoint")
+            source_at = parse_location(settings.source or "", what="--source")
+            sink_at = parse_location(settings.sink or "", what="--sink")
+            async with open_clients(settings) as clients:
+                sink = clients.sink(sink_at)
+                await sink.prepare()
+                pipeline = _pipeline(settings, clients, sink, result.stats, source_at, sink_at, on_progress)
+                log.info(
+                    "run.started",
+                    run_id=result.run_id,
+                    source=str(source_at),
+                    sink=str(sink_at),
+                    auth=settings.auth,
                     concurrency=settings.concurrency,
-                    max_prompt_bytes=settings.max_prompt_bytes,
-                    max_jsonl_bytes=settings.max_jsonl_bytes,
-                    system_prompt=settings.system_prompt,
-                    parameters=settings.parameters,
-                ),
-                stats=result.stats,
-                exclude=overlap_filter(source_at, sink_at),
-                on_progress=on_progress,
-            )
-            log.info(
-                "run.started",
-                run_id=result.run_id,
-                source=str(source_at),
-                sink=str(sink_at),
-                auth=settings.auth,
-                concurrency=settings.concurrency,
-            )
-            with _signals(lambda: pipeline.request_stop(settings.drain_seconds)):
+                )
                 try:
-                    await pipeline.run()
+                    await stopper.run(pipeline)
                 except ConfigError as error:
                     result.exit_code, result.error = EXIT_CONFIG, str(error)
-            if result.exit_code == EXIT_DONE and (pipeline.work_remains or result.stats.interrupted):
-                result.exit_code = EXIT_WORK_REMAINS
-            result.ended = time.time()
-            try:
-                result.manifest = await services.sink.write_manifest(
-                    result.run_id, manifest(result, settings)
-                )
-            except Exception as exc:  # noqa: BLE001 - the results are written; a missing manifest is reported
-                log.warning("run.manifest_failed", error=type(exc).__name__, detail=str(exc)[:300])
-    except ConfigError as error:
-        result.exit_code, result.error = EXIT_CONFIG, str(error)
-    except Exception as exc:  # noqa: BLE001 - e.g. storage unreachable: nothing is lost, a rerun resumes
-        result.exit_code = EXIT_WORK_REMAINS
-        result.error = f"{type(exc).__name__}: {first_line(str(exc))}"
-        log.error("run.failed", error=result.error)
+                if result.exit_code == EXIT_DONE and (
+                    pipeline.work_remains or result.stats.interrupted or stopper.requested
+                ):
+                    result.exit_code = EXIT_WORK_REMAINS
+                result.ended = time.time()
+                try:
+                    result.manifest = await sink.write_manifest(result.run_id, manifest(result, settings))
+                except Exception as exc:  # noqa: BLE001 - the results are written; a missing manifest is reported
+                    log.warning("run.manifest_failed", error=type(exc).__name__, detail=str(exc)[:300])
+        except ConfigError as error:
+            result.exit_code, result.error = EXIT_CONFIG, str(error)
+        except Exception as exc:  # noqa: BLE001 - e.g. storage unreachable: nothing is lost, a rerun resumes
+            result.exit_code = EXIT_WORK_REMAINS
+            result.error = f"{type(exc).__name__}: {first_line(str(exc))}"
+            log.error("run.failed", error=result.error)
     if result.error and result.exit_code == EXIT_CONFIG:
         log.error("run.config_error", error=result.error)
     result.ended = time.time()
     return result
 
 
-class _signals:
-    """SIGTERM/SIGINT → stop callback (Python as PID 1 ignores SIGTERM without a handler)."""
+def _pipeline(
+    settings: Settings,
+    clients: Clients,
+    sink: Sink,
+    stats: RunStats,
+    source_at: Location,
+    sink_at: Location,
+    on_progress: Callable[[int], None],
+) -> Pipeline:
+    caller = Caller(
+        clients.openai,
+        tokens=clients.tokens if clients.uses_entra_for_openai else None,
+        budgets=Budgets(tpm=settings.tpm, rpm=settings.rpm),
+        stats=stats,
+        default_deployment=settings.deployment,
+        max_attempts=settings.max_attempts,
+        request_timeout=settings.request_timeout,
+    )
+    return Pipeline(
+        source=clients.source(source_at),
+        sink=sink,
+        caller=caller,
+        limits=PipelineLimits(
+            concurrency=settings.concurrency,
+            max_prompt_bytes=settings.max_prompt_bytes,
+            max_jsonl_bytes=settings.max_jsonl_bytes,
+            system_prompt=settings.system_prompt,
+            parameters=settings.parameters,
+        ),
+        stats=stats,
+        exclude=overlap_filter(source_at, sink_at),
+        on_progress=on_progress,
+    )
 
-    def __init__(self, on_stop: Callable[[], None]) -> None:
-        self._on_stop = on_stop
-        self._installed: list[signal.Signals] = []
 
-    def _handle(self, signum: signal.Signals) -> None:
-        log.warning("run.signal", signal=signum.name)
-        self._on_stop()
+HARD_STOP_GRACE_SECONDS = 4.0
 
-    def __enter__(self) -> None:
+
+class Stopper:
+    """SIGTERM/SIGINT handling, installed before anything else (Python as PID 1 ignores SIGTERM otherwise).
+
+    First signal: the pipeline stops taking work and gets `drain_seconds` for in-flight calls, then
+    writes what finished. If it is still running `HARD_STOP_GRACE_SECONDS` after that, it is cancelled so
+    the process exits well inside the platform's 30 s; unwritten items are simply redone by the next run.
+    A second signal skips the drain.
+    """
+
+    def __init__(self, drain_seconds: float) -> None:
+        self._drain = drain_seconds
+        self._pipeline: Pipeline | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._hard_stop: asyncio.TimerHandle | None = None
+        self.requested = 0
+        self.hard_stopped = False
+
+    def __enter__(self) -> Stopper:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._handle, signum)
-            self._installed.append(signum)
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         loop = asyncio.get_running_loop()
-        for signum in self._installed:
+        for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if self._hard_stop is not None:
+            self._hard_stop.cancel()
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        self.requested += 1
+        log.warning("run.signal", signal=signum.name, count=self.requested)
+        drain = self._drain if self.requested == 1 else 0.0
+        if self._pipeline is not None:
+            self._pipeline.request_stop(drain)
+        if self.requested == 1:
+            loop = asyncio.get_running_loop()
+            self._hard_stop = loop.call_later(drain + HARD_STOP_GRACE_SECONDS, self._cancel)
+
+    def _cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            log.warning("run.hard_stop", reason="drain deadline passed")
+            self.hard_stopped = True
+            self._task.cancel()
+
+    async def run(self, pipeline: Pipeline) -> None:
+        """Run the pipeline under this stopper; a hard stop returns normally with work remaining."""
+        self._pipeline = pipeline
+        if self.requested:
+            pipeline.request_stop(0)
+        self._task = asyncio.ensure_future(pipeline.run())
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            if not self.hard_stopped:
+                raise
+            pipeline.work_remains = True

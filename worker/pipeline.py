@@ -38,24 +38,36 @@ class PipelineLimits:
     parameters: dict[str, object]
 
 
+Release = Callable[[], None]
+
+
+def _nothing() -> None:
+    return None
+
+
 class UnitWriter:
-    """Group commit for one unit: one append at a time, each taking every line that is waiting."""
+    """Group commit for one unit: one append at a time, each taking every line that is waiting.
+
+    A line's `release` runs once its append has finished (or failed): the pipeline holds a call slot
+    until then, so "in flight" means called-or-unwritten and a crash loses at most `--concurrency` calls.
+    """
 
     def __init__(self, unit: ClaimedUnit, stats: RunStats, on_written: Callable[[int], None]) -> None:
         self._unit = unit
         self._stats = stats
         self._on_written = on_written
-        self._pending: list[tuple[bytes, str | None]] = []
+        self._pending: list[tuple[bytes, str | None, Release]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None
         self.unwritten = 0
 
-    def add(self, line: bytes, error_code: str | None) -> None:
+    def add(self, line: bytes, error_code: str | None, release: Release = _nothing) -> None:
         """Queue one result line; `error_code` None means a success."""
         if self.failed is not None:
             self.interrupt()
+            release()
             return
-        self._pending.append((line, error_code))
+        self._pending.append((line, error_code, release))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
@@ -63,19 +75,21 @@ class UnitWriter:
         while self._pending and self.failed is None:
             batch, self._pending = self._pending, []
             try:
-                await asyncio.shield(self._unit.append(b"".join(line for line, _ in batch)))
+                await asyncio.shield(self._unit.append(b"".join(entry[0] for entry in batch)))
             except Exception as exc:  # noqa: BLE001 - the unit stops; every unwritten line is counted
                 self.failed = exc
-                for _ in range(len(batch) + len(self._pending)):
+                for *_, release in batch + self._pending:
                     self.interrupt()
+                    release()
                 self._pending = []
                 return
-            for _, code in batch:
+            for _, code, release in batch:
                 if code is None:
                     self._stats.succeeded += 1
                 else:
                     self._stats.failed += 1
                     self._stats.errors_by_code[code] += 1
+                release()
             self._on_written(len(batch))
 
     def interrupt(self) -> None:
@@ -123,6 +137,8 @@ class Pipeline:
     def request_stop(self, drain_seconds: float) -> None:
         """Stop taking work now; cancel calls still in flight after `drain_seconds`."""
         if self._stopping.is_set():
+            if drain_seconds <= 0:
+                self._cancel_calls()
             return
         self._stopping.set()
         log.warning("run.stopping", in_flight=len(self._calls), drain_seconds=drain_seconds)
@@ -289,29 +305,33 @@ class Pipeline:
             log.warning("unit.close_failed", error=type(exc).__name__, detail=str(exc)[:300])
 
     async def _record(self, request: Request, call: asyncio.Task[Outcome], writer: UnitWriter) -> None:
-        """Wait for one call and queue its result line; a cancelled call is interrupted, not failed."""
+        """Wait for one call and queue its result line; a cancelled call is interrupted, not failed.
+
+        The call slot is released when the line is written, not when the answer arrives.
+        """
         try:
             outcome = await asyncio.shield(call)
         except asyncio.CancelledError:
             call.cancel()
             writer.interrupt()
+            self._slots.release()
             return
         except ConfigError as error:
             self._fail(error)
             writer.interrupt()
+            self._slots.release()
             return
         except Exception as exc:  # noqa: BLE001 - an unexpected failure leaves the item for the next run
             log.error(
                 "item.crashed", custom_id=request.custom_id, error=type(exc).__name__, detail=str(exc)[:300]
             )
             writer.interrupt()
-            return
-        finally:
             self._slots.release()
+            return
         if outcome.error is not None:
             log.warning("item.failed", custom_id=request.custom_id, code=outcome.error["code"])
         line = formats.result_line(request.custom_id, response=outcome.response, error=outcome.error)
-        writer.add(line, None if outcome.error is None else outcome.error["code"])
+        writer.add(line, None if outcome.error is None else outcome.error["code"], self._slots.release)
 
     async def _items(self, file: SourceFile) -> AsyncIterator[Parsed]:
         kind = formats.input_kind(file.path)

@@ -10,7 +10,7 @@ import contextlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx2
@@ -28,14 +28,6 @@ from worker.storage.local import LocalSink, LocalSource
 from worker.storage.urls import BlobLocation, LocalLocation, Location
 
 log = structlog.get_logger("worker.services")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Services:
-    source: Source
-    sink: Sink
-    openai: openai.AsyncAzureOpenAI
-    tokens: SharedTokens | None
 
 
 def ssl_context() -> ssl.SSLContext:
@@ -59,61 +51,89 @@ def warn_about_ignored_secrets(settings: Settings, environ: Mapping[str, str]) -
         )
 
 
+class Clients:
+    """The clients of one process, created on first use and closed together.
+
+    One SSL context, one aiohttp session for Blob Storage, one `SharedTokens` over one credential,
+    one BlobServiceClient per storage account, one AsyncAzureOpenAI.
+    """
+
+    def __init__(
+        self, settings: Settings, stack: contextlib.AsyncExitStack, environ: Mapping[str, str]
+    ) -> None:
+        self._settings = settings
+        self._stack = stack
+        self._environ = environ
+        self._context = ssl_context()
+        self._tokens: SharedTokens | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._blob_services: dict[str, BlobServiceClient] = {}
+        self._openai: openai.AsyncAzureOpenAI | None = None
+
+    @property
+    def tokens(self) -> SharedTokens:
+        """The shared token cache over the mode's credential (created on first use)."""
+        if self._tokens is None:
+            self._tokens = SharedTokens(build_credential(self._settings, self._environ))
+            self._stack.push_async_callback(self._tokens.close)
+        return self._tokens
+
+    @property
+    def uses_entra_for_openai(self) -> bool:
+        return self._settings.auth != "api-key"
+
+    def blob_service(self, location: BlobLocation) -> BlobServiceClient:
+        """One client per storage account, on the shared session; Entra ID unless a connection string is set."""
+        client = self._blob_services.get(location.account_url)
+        if client is not None:
+            return client
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self._context, limit=max(64, self._settings.concurrency * 2))
+            self._session = aiohttp.ClientSession(connector=connector)
+            self._stack.push_async_callback(self._session.close)
+        options: dict[str, Any] = {
+            "transport": AioHttpTransport(session=self._session, session_owner=False),
+            "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=6),
+        }
+        connection_string = self._settings.storage_connection_string
+        if connection_string is not None:
+            client = BlobServiceClient.from_connection_string(connection_string.get_secret_value(), **options)
+        else:
+            client = BlobServiceClient(location.account_url, credential=self.tokens, **options)
+        self._blob_services[location.account_url] = client
+        self._stack.push_async_callback(client.close)
+        return client
+
+    def source(self, location: Location) -> Source:
+        if isinstance(location, LocalLocation):
+            return LocalSource(location.path)
+        container = self.blob_service(location).get_container_client(location.container)
+        return BlobSource(container, location.prefix, str(location))
+
+    def sink(self, location: Location) -> Sink:
+        if isinstance(location, LocalLocation):
+            return LocalSink(location.path)
+        container = self.blob_service(location).get_container_client(location.container)
+        return BlobSink(container, location.prefix, str(location), lease_seconds=self._settings.lease_seconds)
+
+    @property
+    def openai(self) -> openai.AsyncAzureOpenAI:
+        if self._openai is None:
+            tokens = self.tokens if self.uses_entra_for_openai else None
+            self._openai = openai_client(self._settings, tokens, self._context)
+            self._stack.push_async_callback(self._openai.close)
+        return self._openai
+
+
 @contextlib.asynccontextmanager
-async def open_services(
-    settings: Settings, source_at: Location, sink_at: Location, environ: Mapping[str, str] | None = None
-) -> AsyncIterator[Services]:
-    """Open the clients a run needs; everything is closed when the block ends."""
+async def open_clients(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[Clients]:
+    """Clients for a run or a doctor check; everything opened is closed when the block ends."""
     environ = os.environ if environ is None else environ
     warn_about_ignored_secrets(settings, environ)
-    context = ssl_context()
     async with contextlib.AsyncExitStack() as stack:
-        uses_blob = isinstance(source_at, BlobLocation) or isinstance(sink_at, BlobLocation)
-        needs_entra = settings.auth != "api-key" or (uses_blob and settings.storage_connection_string is None)
-        tokens: SharedTokens | None = None
-        if needs_entra:
-            tokens = SharedTokens(build_credential(settings, environ))
-            stack.push_async_callback(tokens.close)
-
-        blob_services: dict[str, BlobServiceClient] = {}
-        if uses_blob:
-            connector = aiohttp.TCPConnector(ssl=context, limit=max(64, settings.concurrency * 2))
-            session = aiohttp.ClientSession(connector=connector)
-            stack.push_async_callback(session.close)
-
-        def blob_service(location: BlobLocation) -> BlobServiceClient:
-            client = blob_services.get(location.account_url)
-            if client is None:
-                options = {
-                    "transport": AioHttpTransport(session=session, session_owner=False),
-                    "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=6),
-                }
-                if settings.storage_connection_string is not None:
-                    client = BlobServiceClient.from_connection_string(
-                        settings.storage_connection_string.get_secret_value(), **options
-                    )
-                else:
-                    client = BlobServiceClient(location.account_url, credential=tokens, **options)
-                blob_services[location.account_url] = client
-                stack.push_async_callback(client.close)
-            return client
-
-        source: Source
-        if isinstance(source_at, LocalLocation):
-            source = LocalSource(source_at.path)
-        else:
-            container = blob_service(source_at).get_container_client(source_at.container)
-            source = BlobSource(container, source_at.prefix, str(source_at))
-        sink: Sink
-        if isinstance(sink_at, LocalLocation):
-            sink = LocalSink(sink_at.path)
-        else:
-            container = blob_service(sink_at).get_container_client(sink_at.container)
-            sink = BlobSink(container, sink_at.prefix, str(sink_at))
-
-        client = openai_client(settings, tokens, context)
-        stack.push_async_callback(client.close)
-        yield Services(source=source, sink=sink, openai=client, tokens=tokens)
+        yield Clients(settings, stack, environ)
 
 
 def openai_client(

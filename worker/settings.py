@@ -115,6 +115,13 @@ OPTIONS: tuple[Option, ...] = (
         help="On SIGTERM/SIGINT, seconds to let in-flight calls finish before they are abandoned for a rerun.",
     ),
     Option(
+        name="lease_seconds",
+        flag="--lease-seconds",
+        env=("WORKER_LEASE_SECONDS",),
+        job_key="limits.lease_seconds",
+        help="Blob lease on a work unit (15-60 s, renewed while held): how soon another run takes over the files of a replica that died.",
+    ),
+    Option(
         name="endpoint",
         flag="--endpoint",
         env=("AZURE_OPENAI_ENDPOINT",),
@@ -186,6 +193,7 @@ class Settings(BaseModel):
     tpm: int | None = Field(default=None, ge=1)
     rpm: int | None = Field(default=None, ge=1)
     drain_seconds: float = Field(default=20.0, ge=0, le=25)
+    lease_seconds: int = Field(default=30, ge=15, le=60)
     endpoint: str | None = None
     api_version: str = DEFAULT_API_VERSION
     api_key: SecretStr | None = None

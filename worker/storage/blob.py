@@ -16,7 +16,12 @@ from typing import Any, NoReturn
 
 import structlog
 from azure.core import MatchConditions
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
 from worker.errors import AccessDenied, ConfigError, LeaseLost
@@ -25,8 +30,6 @@ from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
 
 log = structlog.get_logger("worker.storage")
 
-LEASE_SECONDS = 30
-RENEW_EVERY_SECONDS = 10
 MAX_APPEND_BYTES = 4 * 1024 * 1024
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
@@ -48,7 +51,8 @@ ROLE_HINT = (
 
 def storage_error_code(exc: HttpResponseError) -> str:
     """The `x-ms-error-code` of a storage error ("" when there is none)."""
-    return str(getattr(exc, "error_code", None) or "")
+    code = getattr(exc, "error_code", None) or ""
+    return str(getattr(code, "value", code))
 
 
 def access_problem(exc: HttpResponseError, action: str, where: str) -> ConfigError | None:
@@ -58,7 +62,7 @@ def access_problem(exc: HttpResponseError, action: str, where: str) -> ConfigErr
         exc.status_code == 403 and code.startswith("AuthorizationPermission")
     ) or code == "AuthorizationFailure":
         return AccessDenied(f"storage refused to {action} {where} ({code}): {ROLE_HINT}")
-    if exc.status_code in (401, 403):
+    if exc.status_code in (401, 403) or isinstance(exc, ClientAuthenticationError):
         return AccessDenied(
             f"storage did not accept the credential to {action} {where} ({code or exc.status_code}): check that "
             "the token is for the right tenant (AZURE_TENANT_ID) and that the account URL is right"
@@ -117,8 +121,11 @@ class BlobSource:
 class BlobUnit:
     """An append blob held under a renewed lease."""
 
-    def __init__(self, blob: BlobClient, lease: BlobLeaseClient, length: int, done_ids: set[str]) -> None:
+    def __init__(
+        self, blob: BlobClient, lease: BlobLeaseClient, length: int, done_ids: set[str], *, renew_every: float
+    ) -> None:
         self._blob = blob
+        self._renew_every = renew_every
         self._lease = lease
         self._length = length
         self._lost = False
@@ -127,7 +134,7 @@ class BlobUnit:
 
     async def _keep_lease(self) -> None:
         while True:
-            await asyncio.sleep(RENEW_EVERY_SECONDS)
+            await asyncio.sleep(self._renew_every)
             try:
                 await self._lease.renew()
             except HttpResponseError as exc:
@@ -195,10 +202,13 @@ class BlobUnit:
 class BlobSink:
     """Writes result append blobs, completion metadata and manifests under a prefix."""
 
-    def __init__(self, container: ContainerClient, prefix: str, where: str) -> None:
+    def __init__(
+        self, container: ContainerClient, prefix: str, where: str, *, lease_seconds: int = 30
+    ) -> None:
         self._container = container
         self._prefix = prefix
         self._where = where
+        self._lease_seconds = lease_seconds
 
     async def prepare(self) -> None:
         try:
@@ -238,7 +248,7 @@ class BlobSink:
                 await blob.create_append_blob(match_condition=MatchConditions.IfMissing)
             lease = BlobLeaseClient(blob)
             try:
-                await lease.acquire(lease_duration=LEASE_SECONDS)
+                await lease.acquire(lease_duration=self._lease_seconds)
             except HttpResponseError as exc:
                 if exc.status_code == 409:
                     return None
@@ -260,7 +270,7 @@ class BlobSink:
                 with contextlib.suppress(Exception):
                     await lease.release()
                 raise
-        return BlobUnit(blob, lease, length, done_ids)
+        return BlobUnit(blob, lease, length, done_ids, renew_every=self._lease_seconds / 3)
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
         name = f"{self._prefix}{MANIFEST_FOLDER}/{run_id}.json"
