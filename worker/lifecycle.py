@@ -90,6 +90,15 @@ def overlap_filter(source: Location, sink: Location) -> Callable[[str], bool]:
     return lambda path: path.endswith(RESULT_SUFFIX) or path.startswith("_")
 
 
+def estimated_cost(stats: RunStats, settings: Settings) -> float | None:
+    """Tokens this run used × the job's prices per million; None when no price is configured."""
+    if settings.price_input_per_million is None and settings.price_output_per_million is None:
+        return None
+    cost = stats.prompt_tokens * (settings.price_input_per_million or 0.0)
+    cost += stats.completion_tokens * (settings.price_output_per_million or 0.0)
+    return round(cost / 1_000_000, 6)
+
+
 def manifest(result: RunResult, settings: Settings) -> bytes:
     stats = result.stats
     document = {
@@ -128,6 +137,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
             "completion": stats.completion_tokens,
             "total": stats.prompt_tokens + stats.completion_tokens,
         },
+        "estimated_cost": estimated_cost(stats, settings),
         "latency_seconds": {
             "p50": stats.latency.percentile(0.5),
             "p90": stats.latency.percentile(0.9),

@@ -122,6 +122,20 @@ OPTIONS: tuple[Option, ...] = (
         help="Blob lease on a work unit (15-60 s, renewed while held): how soon another run takes over the files of a replica that died.",
     ),
     Option(
+        name="price_input_per_million",
+        flag=None,
+        env=("WORKER_PRICE_INPUT_PER_MILLION",),
+        job_key="pricing.input_per_million",
+        help="Price of 1M prompt tokens, for the manifest's estimated cost (your currency).",
+    ),
+    Option(
+        name="price_output_per_million",
+        flag=None,
+        env=("WORKER_PRICE_OUTPUT_PER_MILLION",),
+        job_key="pricing.output_per_million",
+        help="Price of 1M completion tokens, for the manifest's estimated cost.",
+    ),
+    Option(
         name="endpoint",
         flag="--endpoint",
         env=("AZURE_OPENAI_ENDPOINT",),
@@ -194,6 +208,8 @@ class Settings(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     drain_seconds: float = Field(default=20.0, ge=0, le=25)
     lease_seconds: int = Field(default=30, ge=15, le=60)
+    price_input_per_million: float | None = Field(default=None, ge=0)
+    price_output_per_million: float | None = Field(default=None, ge=0)
     endpoint: str | None = None
     api_version: str = DEFAULT_API_VERSION
     api_key: SecretStr | None = None
@@ -245,9 +261,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
             if not isinstance(content, dict):
                 raise ConfigError(f"job file {path}: [parameters] must be a table of request parameters")
             values["parameters"] = content
-        elif isinstance(content, dict) and section in ("job", "limits"):
+        elif isinstance(content, dict) and section in ("job", "limits", "pricing"):
             for key, value in content.items():
-                dotted = key if section == "job" else f"limits.{key}"
+                dotted = key if section == "job" else f"{section}.{key}"
                 if dotted not in by_key:
                     raise ConfigError(f"job file {path}: unknown key `{key}` in [{section}]")
                 values[by_key[dotted]] = value

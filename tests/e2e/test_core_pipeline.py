@@ -54,6 +54,7 @@ def test_three_hundred_mixed_prompts_with_managed_identity(stack: LocalStack) ->
         "24",
         "--run-id",
         "e2e-mixed",
+        env={"WORKER_PRICE_INPUT_PER_MILLION": "1.0", "WORKER_PRICE_OUTPUT_PER_MILLION": "2.0"},
     )
 
     assert run.code == 0, run.stderr[-2000:]
@@ -72,6 +73,8 @@ def test_three_hundred_mixed_prompts_with_managed_identity(stack: LocalStack) ->
     written = manifest(stack, sink, "results/", "e2e-mixed")
     assert written["counts"]["succeeded"] == 310
     assert written["tokens"]["total"] > 0
+    tokens = written["tokens"]
+    assert written["estimated_cost"] == round((tokens["prompt"] * 1.0 + tokens["completion"] * 2.0) / 1e6, 6)
     assert written["latency_seconds"]["p50"] is not None
     assert {"file": "README.csv", "code": "unsupported_file_type"} in written["input_problems"]
     identity = stack.identity.stats()
