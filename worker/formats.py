@@ -195,21 +195,36 @@ def error_record(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
-def custom_ids_in(data: bytes) -> tuple[set[str], int]:
-    """The custom_ids recorded in a result file, and the length of its complete lines.
+class ResultScanner:
+    """Collects the custom_ids recorded in a result file, fed in chunks (flat memory for big files).
 
-    A torn last line (a crash while writing a local file) is not counted; its length tells the caller
-    where to cut the file.
+    `complete` is the length of the complete lines seen; a torn last line (a crash while writing a
+    local file) is not counted, and its offset tells the caller where to cut the file.
     """
-    ids: set[str] = set()
-    complete = data.rfind(b"\n") + 1
-    for line in data[:complete].splitlines():
-        if not line.strip():
-            continue
-        try:
-            custom_id = json.loads(line).get("custom_id")
-        except (json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(custom_id, str):
-            ids.add(custom_id)
-    return ids, complete
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.complete = 0
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._tail + chunk
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:]
+        self.complete += cut
+        for line in data[:cut].splitlines():
+            if not line.strip():
+                continue
+            try:
+                custom_id = json.loads(line).get("custom_id")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(custom_id, str):
+                self.ids.add(custom_id)
+
+
+def custom_ids_in(data: bytes) -> tuple[set[str], int]:
+    """The custom_ids recorded in `data` and the length of its complete lines (see ResultScanner)."""
+    scanner = ResultScanner()
+    scanner.feed(data)
+    return scanner.ids, scanner.complete

@@ -1,21 +1,61 @@
-"""The client-side budget of one Azure OpenAI deployment: TPM and RPM token buckets plus a shared pause.
+"""The client-side budget of one Azure OpenAI deployment: TPM and RPM pacing, a 429 pause, and an
+adaptive window on requests in flight.
 
-Azure enforces a deployment's quota over short windows (RPM over 1 s/10 s, TPM per 10 s at a sixth of the
-minute's quota) and charges a request its estimated prompt tokens + max_tokens up front. The buckets here
-hold a sixth of a minute's quota and refill continuously, so bursts stay inside what Azure admits. A 429
-pauses the whole deployment for the time the service asked, not only the request that got it.
+How Azure limits a deployment: it charges each request its estimated prompt tokens + max_tokens when the
+request arrives and admits at most a sixth of the per-minute quota (tokens and requests) in any 10 s
+window; `x-ratelimit-remaining-tokens`/`-requests` say what is left of that window.
+
+What the budget does, per deployment and per dimension (tokens, requests):
+
+- **Limit.** `--tpm/--rpm` when configured; else *learned* from the response headers: what the server
+  has left plus what this process itself sent in the window it counted (`remaining + own usage`) is the
+  window capacity available to us (a smoothed estimate; it shrinks when another replica shares the
+  quota). An `x-ratelimit-limit-*` header, when present, is taken as the per-minute limit.
+- **Pacing.** Requests are spaced at the limit's rate (≤ 1 s of burst) and a log of what was sent
+  mirrors Azure's sliding window, kept `GUARD_SECONDS` longer than Azure's so that network-delay jitter
+  cannot push a request into a full window: ~98 % of the quota, without 429s.
+- **AIMD.** A 429 is a signal the limit is lower than assumed (unknown, misconfigured, shared): the rate
+  is cut to `DECREASE_FACTOR` × what was actually sent and regained linearly, per second by
+  `INCREASE_PER_SECOND` of the known limit (≈33 s from nothing back to it), or of the cut rate when no limit
+  is known (then without end, until the next 429). The server's retry-after pauses the whole deployment
+  (`pause`).
+- **Window on requests in flight** (`admit`): grown by one per success (slow start), then by 1/window
+  (congestion avoidance), only while it is the binding limit; halved on a 429 (once per round trip);
+  never more than `LATENCY_HEADROOM` × the paced request rate × the observed latency (Little's law:
+  the concurrency the quota needs at this latency), nor the configured `--concurrency`.
+
+Every decision reads the injected clock, so the behaviour is unit-tested on a fake one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Iterator, Mapping
+from types import TracebackType
 from typing import Any, Protocol
 
 DEFAULT_MAX_TOKENS = 16
 WINDOW_FRACTION = 6  # Azure admits a sixth of the per-minute quota per 10 s window
+WINDOW_SECONDS = 10.0
+GUARD_SECONDS = 0.2  # the client-side window is this much longer than Azure's: 2 % of the quota
+BURST_SECONDS = 1.0  # pacing lets through at most this much of the rate at once
+DECREASE_FACTOR = 0.7  # a 429 cuts the rate to this fraction of what was being sent
+INCREASE_PER_SECOND = 0.03  # then it grows per second by this fraction of the known limit (else the cut rate)
+LEARN_WEIGHT = 0.2  # weight of a new header sample in the learned window capacity
+MIN_PER_MINUTE = 1.0
+INITIAL_WINDOW = 16
+MIN_WINDOW = 2
+WINDOW_DECREASE = 0.5
+LATENCY_HEADROOM = 2.0
+LATENCY_WEIGHT = 0.1
+DEFAULT_MAX_WINDOW = 4096
+
+REMAINING_HEADERS = {"tokens": "x-ratelimit-remaining-tokens", "requests": "x-ratelimit-remaining-requests"}
+LIMIT_HEADERS = {"tokens": "x-ratelimit-limit-tokens", "requests": "x-ratelimit-limit-requests"}
 
 
 class Clock(Protocol):
@@ -56,72 +96,391 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     )
 
 
-@dataclass
-class TokenBucket:
-    """A bucket that may go into debt: `reserve` takes now and says how long the taker must wait."""
+def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number >= 0 and math.isfinite(number) else None  # Azure sends -1 for "not reported"
 
-    per_minute: float
-    level: float = field(init=False)
-    updated: float = field(init=False, default=-math.inf)
 
-    def __post_init__(self) -> None:
-        self.level = self.capacity
+class Dimension:
+    """One quota dimension (tokens or requests) of a deployment: its limit, pacing and usage log.
+
+    Limits are per minute. The log holds what was admitted (at its scheduled start) over the last
+    `WINDOW_SECONDS + GUARD_SECONDS`; `recent` is the part inside Azure's own window.
+    """
+
+    def __init__(self, configured: float | None) -> None:
+        self.configured = configured
+        self.learned: float | None = None
+        self._learned_from_limit_header = False
+        self._aimd_base: float | None = None
+        self._aimd_at = 0.0
+        self._recent: deque[tuple[float, float]] = deque()
+        self._old: deque[tuple[float, float]] = deque()
+        self.recent_total = 0.0
+        self._old_total = 0.0
+        self._tat = -math.inf  # pacing: the theoretical time the next request may start
+        self._last = -math.inf
+        self._first: float | None = None
 
     @property
-    def capacity(self) -> float:
-        return self.per_minute / WINDOW_FRACTION
+    def known(self) -> float | None:
+        """The configured limit, else the learned one."""
+        return self.configured if self.configured is not None else self.learned
 
-    def reserve(self, amount: float, now: float) -> float:
-        """Take `amount`; return the seconds until the bucket is out of debt again (0 = go now)."""
-        rate = self.per_minute / 60.0
-        if self.updated != -math.inf:
-            self.level = min(self.capacity, self.level + (now - self.updated) * rate)
-        self.updated = now
-        self.level -= min(amount, self.capacity)
-        return 0.0 if self.level >= 0 else -self.level / rate
+    def limit(self, now: float) -> float | None:
+        """The per-minute rate to pace at now: the known limit, or below it after a 429; None = unpaced."""
+        known = self.known
+        if self._aimd_base is None:
+            return known
+        growth = INCREASE_PER_SECOND * (known if known is not None else self._aimd_base)
+        cap = self._aimd_base + growth * max(0.0, now - self._aimd_at)
+        if known is not None and cap >= known:
+            self._aimd_base = None
+            return known
+        return cap if known is None else min(known, cap)
+
+    def plan(self, cost: float, now: float) -> float:
+        """When a request of `cost` may start (never earlier than the last one admitted)."""
+        start = max(now, self._last)
+        limit = self.limit(now)
+        if limit is None:
+            return start
+        capacity = limit / WINDOW_FRACTION
+        start = max(start, self._tat - BURST_SECONDS)
+        self._advance(start)
+        excess = self.recent_total + self._old_total + min(cost, capacity) - capacity
+        if excess > 0:
+            start = max(start, self._expiry_covering(excess))
+        return start
+
+    def commit(self, cost: float, start: float, now: float) -> float:
+        """Record a request of `cost` starting at `start` (>= `plan`'s answer); returns the usage of
+        Azure's window at `start`, this request included."""
+        self._advance(start)
+        limit = self.limit(now)
+        if limit is not None:
+            capacity = limit / WINDOW_FRACTION
+            cost = min(cost, capacity)
+            self._tat = max(self._tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
+        self._recent.append((start, cost))
+        self.recent_total += cost
+        self._last = start
+        if self._first is None:
+            self._first = start
+        return self.recent_total
+
+    def _expiry_covering(self, excess: float) -> float:
+        """When enough of the log has aged out of the guarded window to make room for `excess`."""
+        for entries in (self._old, self._recent):
+            for at, cost in entries:
+                excess -= cost
+                if excess <= 0:
+                    return at + WINDOW_SECONDS + GUARD_SECONDS
+        return self._last + WINDOW_SECONDS + GUARD_SECONDS  # unreachable while cost <= capacity
+
+    def _advance(self, now: float) -> None:
+        recent, old = self._recent, self._old
+        while recent and recent[0][0] <= now - WINDOW_SECONDS:
+            entry = recent.popleft()
+            self.recent_total -= entry[1]
+            old.append(entry)
+            self._old_total += entry[1]
+        while old and old[0][0] <= now - WINDOW_SECONDS - GUARD_SECONDS:
+            self._old_total -= old.popleft()[1]
+        if not recent:
+            self.recent_total = 0.0  # no float drift
+            if not old:
+                self._old_total = 0.0
+
+    def learn(self, remaining: float | None, limit: float | None, usage: float) -> None:
+        """A response's headers: `limit` per minute if the server said it, else `remaining` in the window."""
+        if limit is not None and limit > 0:
+            self.learned = limit
+            self._learned_from_limit_header = True
+            return
+        if remaining is None or self._learned_from_limit_header:
+            return
+        sample = (remaining + usage) * WINDOW_FRACTION
+        self.learned = (
+            sample if self.learned is None else self.learned + LEARN_WEIGHT * (sample - self.learned)
+        )
+
+    def decrease(self, now: float) -> None:
+        """A 429: pace at DECREASE_FACTOR × min(current limit, what was actually sent lately)."""
+        self._advance(max(now, self._last))
+        elapsed = max(1.0, min(WINDOW_SECONDS, now - (self._first if self._first is not None else now)))
+        sent = self.recent_total / elapsed * 60.0
+        current = self.limit(now)
+        base = sent if current is None else min(current, sent)
+        self._aimd_base = max(MIN_PER_MINUTE, DECREASE_FACTOR * base)
+        self._aimd_at = now
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        limit = self.limit(now)
+        return {
+            "configured": self.configured,
+            "learned": None if self.learned is None else round(self.learned),
+            "pacing": None if limit is None else round(limit),
+            "backed_off": self._aimd_base is not None,
+        }
+
+
+class Permit:
+    """One attempt's place in the budget, as an async context manager (see `RateBudget.admit`).
+
+    Entering waits for a window slot, the TPM/RPM pacing and any 429 pause. Leaving releases the slot and
+    tells the budget how the attempt went: no exception = success (its latency grows the window), an
+    exception with `status_code == 429` = throttled (cuts the window and the rate), anything else =
+    neutral. Call `observe(response.headers)` on a response so the budget learns the deployment's limit.
+    """
+
+    __slots__ = ("_budget", "_held", "admitted_at", "tokens", "usage", "waited")
+
+    def __init__(self, budget: RateBudget, tokens: int) -> None:
+        self._budget = budget
+        self.tokens = tokens
+        self.waited = 0.0
+        self.admitted_at = 0.0
+        self.usage = (0.0, 0.0)  # this process's (tokens, requests) in Azure's window when admitted
+        self._held = False
+
+    async def __aenter__(self) -> Permit:
+        await self._budget._take_slot()
+        try:
+            self.waited, self.usage = await self._budget._wait_turn(self.tokens)
+        except BaseException:
+            self._budget._release_slot()
+            raise
+        self.admitted_at = self._budget.clock.now()
+        self._held = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self._held:
+            return
+        self._held = False
+        self._budget._finish(self, exc)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Learn from a response's x-ratelimit-* headers."""
+        self._budget._observe(self, headers)
 
 
 class RateBudget:
-    """Admission control for one deployment. `acquire` before each attempt; `pause` on a 429."""
+    """Admission control for one deployment.
 
-    def __init__(self, *, tpm: int | None, rpm: int | None, clock: Clock | None = None) -> None:
-        self._clock = clock or MonotonicClock()
-        self._tokens = TokenBucket(tpm) if tpm else None
-        self._requests = TokenBucket(rpm) if rpm else None
-        self._paused_until = 0.0
+    `async with budget.admit(tokens) as permit:` around each attempt (window + pacing + pause), with
+    `permit.observe(response.headers)`; `pause(seconds)` on a 429's retry-after. `acquire(tokens)` is the
+    older form: pacing and pause only, no window slot.
+    """
+
+    def __init__(
+        self,
+        *,
+        tpm: int | None,
+        rpm: int | None,
+        clock: Clock | None = None,
+        max_window: int | None = None,
+    ) -> None:
+        self.clock: Clock = clock or MonotonicClock()
+        self.tokens = Dimension(float(tpm) if tpm else None)
+        self.requests = Dimension(float(rpm) if rpm else None)
+        self._paused_until = -math.inf
+        self._pauses = 0
+        self.max_window = max(1, max_window or DEFAULT_MAX_WINDOW)
+        self.window = float(min(INITIAL_WINDOW, self.max_window))
+        self._slow_start = True
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._last_cut = -math.inf
+        self.latency: float | None = None
+        self._mean_cost: float | None = None
+        self.throttled = 0
+
+    # ---- the public API ---------------------------------------------------------------------------
+
+    def admit(self, tokens: int) -> Permit:
+        """`async with budget.admit(tokens) as permit:` — one attempt of estimated cost `tokens`."""
+        return Permit(self, tokens)
 
     async def acquire(self, tokens: int) -> float:
-        """Wait until the request fits the budget; returns the seconds waited."""
-        now = self._clock.now()
-        delay = max(0.0, self._paused_until - now)
-        if self._tokens is not None:
-            delay = max(delay, self._tokens.reserve(tokens, now))
-        if self._requests is not None:
-            delay = max(delay, self._requests.reserve(1, now))
-        if delay > 0:
-            await self._clock.sleep(delay)
-        # A pause announced while this request slept still applies to it.
-        while (remaining := self._paused_until - self._clock.now()) > 0:
-            delay += remaining
-            await self._clock.sleep(remaining)
-        return delay
+        """Wait until a request of `tokens` fits the TPM/RPM budget; returns the seconds waited."""
+        waited, _ = await self._wait_turn(tokens)
+        return waited
 
     def pause(self, seconds: float) -> None:
         """The service said to wait: hold every request to this deployment for `seconds`."""
-        self._paused_until = max(self._paused_until, self._clock.now() + seconds)
+        until = self.clock.now() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._pauses += 1
+
+    def window_limit(self) -> int:
+        """Requests allowed in flight now: the AIMD window, capped by what the paced rate needs."""
+        window = self.window
+        if self.latency is not None:
+            rate = self._requests_per_second(self.clock.now())
+            if rate is not None:
+                window = min(window, max(MIN_WINDOW, LATENCY_HEADROOM * rate * self.latency + 1.0))
+        return max(1, int(window))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the budget knows now, for the manifest and the logs."""
+        now = self.clock.now()
+        return {
+            "tpm": self.tokens.snapshot(now),
+            "rpm": self.requests.snapshot(now),
+            "window": self.window_limit(),
+            "latency_s": None if self.latency is None else round(self.latency, 4),
+            "throttled": self.throttled,
+        }
+
+    # ---- pacing -----------------------------------------------------------------------------------
+
+    async def _wait_turn(self, tokens: int) -> tuple[float, tuple[float, float]]:
+        clock = self.clock
+        waited = 0.0
+        if self._mean_cost is None:
+            self._mean_cost = float(tokens)
+        else:
+            self._mean_cost += 0.05 * (tokens - self._mean_cost)
+        while True:
+            now = clock.now()
+            if self._paused_until > now:
+                await clock.sleep(self._paused_until - now)
+                waited += self._paused_until - now
+                continue
+            pauses = self._pauses
+            start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
+            usage = (self.tokens.commit(tokens, start, now), self.requests.commit(1, start, now))
+            if start > now:
+                await clock.sleep(start - now)
+                waited += start - now
+            # A pause announced while this request slept still applies: wait it out, then queue again.
+            if self._pauses == pauses or self._paused_until <= clock.now():
+                return waited, usage
+
+    def _requests_per_second(self, now: float) -> float | None:
+        rates = []
+        requests = self.requests.limit(now)
+        if requests is not None:
+            rates.append(requests / 60.0)
+        tokens = self.tokens.limit(now)
+        if tokens is not None and self._mean_cost:
+            rates.append(tokens / 60.0 / self._mean_cost)
+        return min(rates) if rates else None
+
+    # ---- the window on requests in flight ---------------------------------------------------------
+
+    async def _take_slot(self) -> None:
+        if not self._waiters and self.in_flight < self.window_limit():
+            self.in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # the slot was handed over just as the wait was cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def _release_slot(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        limit = self.window_limit()
+        while self._waiters and self.in_flight < limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+    # ---- feedback ---------------------------------------------------------------------------------
+
+    def _observe(self, permit: Permit, headers: Mapping[str, str]) -> None:
+        for dimension, name, usage in (
+            (self.tokens, "tokens", permit.usage[0]),
+            (self.requests, "requests", permit.usage[1]),
+        ):
+            dimension.learn(
+                _header_number(headers, REMAINING_HEADERS[name]),
+                _header_number(headers, LIMIT_HEADERS[name]),
+                usage,
+            )
+
+    def _finish(self, permit: Permit, exc: BaseException | None) -> None:
+        now = self.clock.now()
+        if exc is None:
+            self._succeeded(now - permit.admitted_at)
+        elif getattr(exc, "status_code", None) == 429:
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+            if isinstance(headers, Mapping):
+                self._observe(permit, headers)
+            self._throttled(permit, now)
+        self._release_slot()
+
+    def _succeeded(self, latency: float) -> None:
+        self.latency = (
+            latency if self.latency is None else self.latency + LATENCY_WEIGHT * (latency - self.latency)
+        )
+        if self.in_flight >= int(self.window) and self.window < self.max_window:
+            # Grow only while the window is what holds requests back (else it would grow unboundedly).
+            self.window = min(
+                float(self.max_window), self.window + (1.0 if self._slow_start else 1.0 / self.window)
+            )
+
+    def _throttled(self, permit: Permit, now: float) -> None:
+        self.throttled += 1
+        if permit.admitted_at <= self._last_cut:
+            return  # admitted before the last cut: that cut already answered this congestion
+        self._last_cut = now
+        self._slow_start = False
+        self.window = max(float(MIN_WINDOW), min(self.window, WINDOW_DECREASE * self.in_flight))
+        self.tokens.decrease(now)
+        self.requests.decrease(now)
 
 
 class Budgets:
     """One RateBudget per deployment, created on first use with the configured quota."""
 
-    def __init__(self, *, tpm: int | None, rpm: int | None, clock: Clock | None = None) -> None:
-        self._tpm, self._rpm, self._clock = tpm, rpm, clock
+    def __init__(
+        self,
+        *,
+        tpm: int | None,
+        rpm: int | None,
+        clock: Clock | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self._tpm, self._rpm, self._clock, self._concurrency = tpm, rpm, clock, concurrency
         self._by_deployment: dict[str, RateBudget] = {}
 
     def __getitem__(self, deployment: str) -> RateBudget:
         budget = self._by_deployment.get(deployment)
         if budget is None:
             budget = self._by_deployment[deployment] = RateBudget(
-                tpm=self._tpm, rpm=self._rpm, clock=self._clock
+                tpm=self._tpm, rpm=self._rpm, clock=self._clock, max_window=self._concurrency
             )
         return budget
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_deployment)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per deployment: configured/learned/paced limits, window, latency, 429s."""
+        return {name: budget.snapshot() for name, budget in self._by_deployment.items()}

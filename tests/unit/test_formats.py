@@ -128,3 +128,12 @@ def test_custom_ids_in_ignores_a_torn_last_line() -> None:
     assert ids == {"a", "b"}
     assert data[:complete].endswith(b"\n")
     assert complete == len(data) - len(b'{"id":"x","custom_id":"c"')
+
+
+def test_result_scanner_joins_lines_split_across_chunks() -> None:
+    data = b"".join(formats.result_line(f"id-{i}", response={}) for i in range(50)) + b'{"custom_id": "torn'
+    scanner = formats.ResultScanner()
+    for start in range(0, len(data), 7):
+        scanner.feed(data[start : start + 7])
+    assert scanner.ids == {f"id-{i}" for i in range(50)}
+    assert scanner.complete == len(data) - len(b'{"custom_id": "torn')

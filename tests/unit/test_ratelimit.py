@@ -1,23 +1,70 @@
+"""The budget on virtual time: pacing, learning from headers, AIMD, the window on requests in flight.
+
+Simulations run many concurrent tasks against the fake Azure OpenAI's own sliding-window limiter
+(tests/stack/ratelimit.py) on a virtual clock: deterministic, instant, no wall-clock assertions.
+"""
+
+from __future__ import annotations
+
 import asyncio
+import random
+from collections import Counter
+from dataclasses import dataclass, field
 
-from worker.ratelimit import RateBudget, TokenBucket, estimate_tokens
+import pytest
+
+from tests.stack.ratelimit import SlidingWindowLimiter
+from worker.ratelimit import (
+    DECREASE_FACTOR,
+    GUARD_SECONDS,
+    INITIAL_WINDOW,
+    MIN_WINDOW,
+    Budgets,
+    RateBudget,
+    estimate_tokens,
+)
+
+from .virtual_time import Deadlock, LoopClock, run_virtual
 
 
-class FakeClock:
-    """Time moves only when someone sleeps; sleepers yield, so concurrent waits overlap as they would."""
+def budget(**kwargs: object) -> RateBudget:
+    return RateBudget(clock=LoopClock(), **kwargs)  # type: ignore[arg-type]
 
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.slept: list[float] = []
 
-    def now(self) -> float:
-        return self.t
+def now() -> float:
+    return asyncio.get_running_loop().time()
 
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        wake = self.t + seconds
-        await asyncio.sleep(0)
-        self.t = max(self.t, wake)
+
+class Throttled(Exception):
+    """Shaped like openai.RateLimitError as far as the budget looks: status_code and response.headers."""
+
+    status_code = 429
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__("429")
+        self.response = type("Response", (), {"headers": headers})()
+
+
+def headers(remaining_tokens: int, remaining_requests: int) -> dict[str, str]:
+    return {
+        "x-ratelimit-remaining-tokens": str(remaining_tokens),
+        "x-ratelimit-remaining-requests": str(remaining_requests),
+    }
+
+
+def max_in_window(starts: list[tuple[float, float]], window: float = 10.0) -> float:
+    """The most `cost` that started within any `window` seconds (Azure's sliding window)."""
+    worst, total, left = 0.0, 0.0, 0
+    for at, cost in starts:
+        total += cost
+        while starts[left][0] <= at - window:
+            total -= starts[left][1]
+            left += 1
+        worst = max(worst, total)
+    return worst
+
+
+# ---- estimate -------------------------------------------------------------------------------------
 
 
 def test_estimate_is_chars_over_four_plus_max_tokens() -> None:
@@ -28,36 +75,389 @@ def test_estimate_is_chars_over_four_plus_max_tokens() -> None:
     assert estimate_tokens({"input": "z" * 8}) == 2 + 16
 
 
-def test_bucket_admits_a_sixth_of_a_minute_then_paces() -> None:
-    bucket = TokenBucket(600)  # 10 per second, burst 100
-    assert all(bucket.reserve(1, 0.0) == 0 for _ in range(100))
-    assert bucket.reserve(1, 0.0) == 0.1
-    assert bucket.reserve(1, 10.0) == 0  # refilled after 10 s
+# ---- configured limits ----------------------------------------------------------------------------
 
 
-async def test_budget_spreads_requests_to_the_rpm() -> None:
-    clock = FakeClock()
-    budget = RateBudget(tpm=None, rpm=60, clock=clock)  # 1 request/s, burst 10
-    for _ in range(30):
-        await budget.acquire(1)
-    # 10 immediately, the next 20 at one per second
-    assert 19 <= clock.t - 1000.0 <= 21
+def test_rpm_is_paced_evenly_and_never_exceeds_a_window() -> None:
+    async def main() -> list[tuple[float, float]]:
+        b = budget(tpm=None, rpm=60)  # 10 per 10 s
+        starts = []
+        for _ in range(40):
+            await b.acquire(1)
+            starts.append((now(), 1.0))
+        return starts
+
+    starts = run_virtual(main())
+    assert max_in_window(starts) <= 10
+    gaps = [b[0] - a[0] for a, b in zip(starts[1:], starts[2:], strict=False)]
+    assert all(gap == pytest.approx(1.02) for gap in gaps)  # 10 per 10.2 s, no bursts after the first second
 
 
-async def test_a_429_pause_holds_every_request() -> None:
-    clock = FakeClock()
-    budget = RateBudget(tpm=None, rpm=None, clock=clock)
-    budget.pause(2.5)
-    waited = await asyncio.gather(budget.acquire(10), budget.acquire(10))
+def test_tpm_uses_the_quota_less_the_guard_without_exceeding_any_window() -> None:
+    rng = random.Random(1)
+
+    async def main() -> list[tuple[float, float]]:
+        b = budget(tpm=60_000, rpm=None)  # 10,000 tokens per 10 s
+        starts: list[tuple[float, float]] = []
+
+        async def one(cost: int) -> None:
+            await b.acquire(cost)
+            starts.append((now(), float(cost)))
+
+        await asyncio.gather(*(one(rng.randint(50, 500)) for _ in range(2000)))
+        return sorted(starts)
+
+    starts = run_virtual(main())
+    assert max_in_window(starts) <= 10_000
+    spent = sum(cost for _, cost in starts)
+    rate_per_minute = spent / (starts[-1][0] - starts[0][0]) * 60
+    assert rate_per_minute >= 60_000 * 10 / (10 + GUARD_SECONDS) * 0.99
+
+
+def test_a_429_pause_holds_every_request() -> None:
+    async def main() -> tuple[list[float], float]:
+        b = budget(tpm=None, rpm=None)
+        b.pause(2.5)
+        waited = await asyncio.gather(b.acquire(10), b.acquire(10))
+        return waited, await b.acquire(10)
+
+    waited, later = run_virtual(main())
     assert waited == [2.5, 2.5]
-    assert await budget.acquire(10) == 0
+    assert later == 0
 
 
-async def test_tpm_budget_counts_tokens() -> None:
-    clock = FakeClock()
-    budget = RateBudget(tpm=6000, rpm=None, clock=clock)  # 100 tokens/s, burst 1000
-    for _ in range(10):
-        await budget.acquire(100)
-    assert clock.t == 1000.0
-    await budget.acquire(500)
-    assert clock.t == 1005.0
+def test_a_pause_announced_while_pacing_requeues_the_sleeper() -> None:
+    async def main() -> tuple[float, float]:
+        b = budget(tpm=None, rpm=60)
+        for _ in range(2):
+            await b.acquire(1)  # the next one must wait ~1 s
+        sleeper = asyncio.create_task(b.acquire(1))
+        await asyncio.sleep(0.5)
+        b.pause(5.0)
+        await sleeper
+        return now(), sleeper.result()
+
+    at, waited = run_virtual(main())
+    assert at >= 5.5  # not before the pause ended
+    assert waited >= 5.0
+
+
+# ---- learning from headers ------------------------------------------------------------------------
+
+
+def test_the_limit_is_learned_from_remaining_plus_own_usage() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        for cost in (300, 200):
+            async with b.admit(cost) as permit:
+                pass
+        # The server had seen both (500 tokens, 2 requests) and says 9,500 tokens / 98 requests remain.
+        permit.observe(headers(9_500, 98))
+        return b
+
+    b = run_virtual(main())
+    assert b.tokens.learned == 60_000
+    assert b.requests.learned == 600
+
+
+def test_a_limit_header_is_taken_as_the_per_minute_limit() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        async with b.admit(100) as permit:
+            permit.observe({"x-ratelimit-limit-tokens": "120000", "x-ratelimit-remaining-tokens": "5"})
+        return b
+
+    assert run_virtual(main()).tokens.learned == 120_000
+
+
+def test_unusable_headers_teach_nothing() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        async with b.admit(100) as permit:
+            permit.observe({"x-ratelimit-remaining-tokens": "-1", "x-ratelimit-remaining-requests": "n/a"})
+        return b
+
+    b = run_virtual(main())
+    assert b.tokens.learned is None
+    assert b.requests.learned is None
+
+
+def test_a_configured_limit_wins_over_headers() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=6_000, rpm=None)
+        async with b.admit(100) as permit:
+            permit.observe(headers(1_000_000, 1_000_000))
+        return b
+
+    assert run_virtual(main()).tokens.limit(0) == 6_000
+
+
+# ---- AIMD -----------------------------------------------------------------------------------------
+
+
+async def throttle(b: RateBudget, cost: int = 100, response_headers: dict[str, str] | None = None) -> None:
+    with pytest.raises(Throttled):
+        async with b.admit(cost):
+            raise Throttled(response_headers or {})
+
+
+def test_a_429_with_no_known_limit_cuts_the_rate_then_it_grows_back_linearly() -> None:
+    async def main() -> list[float | None]:
+        b = budget(tpm=None, rpm=None)
+        for _ in range(99):
+            async with b.admit(100):
+                await asyncio.sleep(0.1)  # 1,000 tokens/s = 60,000 per minute for ~10 s
+        await throttle(b)
+        seen = [b.tokens.limit(now())]
+        await asyncio.sleep(10)
+        seen.append(b.tokens.limit(now()))
+        return seen
+
+    cut, later = run_virtual(main())
+    assert cut == pytest.approx(DECREASE_FACTOR * 60_000, rel=0.02)
+    assert later == pytest.approx(cut * 1.3, rel=0.01)  # +3 % of the cut rate per second
+
+
+def test_after_a_429_the_rate_returns_to_the_known_limit() -> None:
+    async def main() -> list[float | None]:
+        b = budget(tpm=60_000, rpm=None)
+        await throttle(b, 100)  # e.g. another client shares the quota
+        seen = [b.tokens.limit(now())]
+        await asyncio.sleep(60)
+        seen.append(b.tokens.limit(now()))
+        return seen
+
+    cut, later = run_virtual(main())
+    assert cut is not None
+    assert cut < 60_000
+    assert later == 60_000
+
+
+# ---- the window on requests in flight -------------------------------------------------------------
+
+
+def test_the_window_bounds_requests_in_flight_and_slow_starts() -> None:
+    async def main() -> tuple[int, int, float]:
+        b = budget(tpm=None, rpm=None, max_window=64)
+        peak = 0
+
+        async def one() -> None:
+            nonlocal peak
+            async with b.admit(10):
+                peak = max(peak, b.in_flight)
+                await asyncio.sleep(1)
+
+        await asyncio.gather(*(one() for _ in range(INITIAL_WINDOW)))
+        first_peak = peak
+        await asyncio.gather(*(one() for _ in range(200)))
+        return first_peak, peak, b.window
+
+    first_peak, peak, window = run_virtual(main())
+    assert first_peak == INITIAL_WINDOW
+    assert peak == 64  # grown by one per success while full, up to --concurrency
+    assert window == 64
+
+
+def test_concurrent_429s_cut_the_window_once() -> None:
+    async def main() -> tuple[float, float]:
+        b = budget(tpm=None, rpm=None)
+
+        async def refused() -> None:
+            await throttle(b)
+
+        await asyncio.gather(*(refused() for _ in range(INITIAL_WINDOW)))
+        after_burst = b.window
+        await throttle(b)  # admitted after the cut: a new congestion signal
+        return after_burst, b.window
+
+    after_burst, after_next = run_virtual(main())
+    assert after_burst == INITIAL_WINDOW / 2
+    assert after_next == MIN_WINDOW  # half of the one request then in flight, floored
+
+
+def test_after_a_cut_the_window_grows_by_one_per_round_trip() -> None:
+    async def main() -> list[int]:
+        b = budget(tpm=None, rpm=None)
+        await asyncio.gather(*(throttle(b) for _ in range(INITIAL_WINDOW)))
+        sizes = []
+
+        async def one() -> None:
+            async with b.admit(10):
+                await asyncio.sleep(1)
+
+        for _ in range(3):
+            sizes.append(b.window_limit())
+            await asyncio.gather(*(one() for _ in range(b.window_limit())))
+        return sizes
+
+    assert run_virtual(main()) == [8, 9, 10]
+
+
+def test_the_window_needs_no_more_than_rate_times_latency() -> None:
+    async def main() -> tuple[int, int]:
+        b = budget(tpm=None, rpm=600, max_window=64)  # 10 requests/s
+
+        async def one() -> None:
+            async with b.admit(10):
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(*(one() for _ in range(30)))
+        return b.window_limit(), int(b.window)
+
+    limit, window = run_virtual(main())
+    assert limit == 11  # 2 × 10/s × 0.5 s + 1
+    assert window == INITIAL_WINDOW  # it did not grow: the window was not what held requests back
+
+
+def test_a_cancelled_wait_for_a_slot_leaks_nothing() -> None:
+    async def main() -> int:
+        b = budget(tpm=None, rpm=None, max_window=1)
+        gate = asyncio.Event()
+
+        async def holder() -> None:
+            async with b.admit(1):
+                await gate.wait()
+
+        held = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(b.admit(1).__aenter__())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        gate.set()
+        await held
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        async with b.admit(1):
+            return b.in_flight
+
+    assert run_virtual(main()) == 1
+
+
+def test_other_failures_release_the_slot_without_a_signal() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        with pytest.raises(ValueError, match="boom"):
+            async with b.admit(1):
+                raise ValueError("boom")
+        return b
+
+    b = run_virtual(main())
+    assert b.in_flight == 0
+    assert b.window == INITIAL_WINDOW
+    assert b.throttled == 0
+
+
+def test_a_stuck_simulation_is_reported_not_hung() -> None:
+    async def main() -> None:
+        await asyncio.get_running_loop().create_future()
+
+    with pytest.raises(Deadlock):
+        run_virtual(main())
+
+
+def test_budgets_are_per_deployment_and_report_what_they_know() -> None:
+    budgets = Budgets(tpm=60_000, rpm=None, clock=LoopClock(), concurrency=8)
+    assert budgets["a"] is budgets["a"]
+    assert budgets["a"] is not budgets["b"]
+    assert budgets["a"].max_window == 8
+    snapshot = budgets.snapshot()
+    assert set(snapshot) == {"a", "b"}
+    assert snapshot["a"]["tpm"]["configured"] == 60_000
+
+
+# ---- simulations against the fake Azure OpenAI's limiter ------------------------------------------
+
+
+@dataclass
+class Simulation:
+    tpm: int
+    replicas: list[RateBudget]
+    prompts: int = 1200
+    concurrency: int = 32
+    send_headers: bool = True
+    seed: int = 7
+    served: Counter[int] = field(default_factory=Counter)  # second -> tokens, as the fake counts them
+    served_by_replica: Counter[int] = field(default_factory=Counter)
+    requests: int = 0
+    throttled: int = 0
+
+    async def run(self) -> None:
+        limiter = SlidingWindowLimiter()
+        rng = random.Random(self.seed)
+        costs = [rng.randint(100, 300) for _ in range(self.prompts)]
+        queues = [costs[i :: len(self.replicas)] for i in range(len(self.replicas))]
+
+        async def worker(replica: int, budget: RateBudget, queue: list[int]) -> None:
+            while queue:
+                cost = queue.pop()
+                while True:
+                    self.requests += 1
+                    try:
+                        async with budget.admit(cost) as permit:
+                            decision = limiter.acquire(cost, rpm=None, tpm=self.tpm, now=now())
+                            response_headers = (
+                                headers(decision.remaining_tokens, decision.remaining_requests)
+                                if self.send_headers
+                                else {}
+                            )
+                            if not decision.admitted:
+                                raise Throttled(
+                                    {**response_headers, "retry-after-ms": str(decision.retry_after_ms)}
+                                )
+                            await asyncio.sleep(0.3 + 0.002 * cost + rng.uniform(0, 0.2))
+                            permit.observe(response_headers)
+                    except Throttled as exc:
+                        self.throttled += 1
+                        budget.pause(int(exc.response.headers["retry-after-ms"]) / 1000)
+                        continue
+                    self.served[int(now())] += cost
+                    self.served_by_replica[replica] += cost
+                    break
+
+        await asyncio.gather(
+            *(
+                worker(index, budget, queue)
+                for index, budget in enumerate(self.replicas)
+                for queue in [queues[index]] * (self.concurrency // len(self.replicas))
+            )
+        )
+
+    def utilisation(self) -> float:
+        """Served tokens per minute over the busy window (first 10 s and last 3 s left out) ÷ TPM."""
+        first, last = min(self.served), max(self.served)
+        busy = range(first + 10, last - 2)
+        return sum(self.served[s] for s in busy) / len(busy) * 60 / self.tpm
+
+
+def simulate(simulation: Simulation) -> Simulation:
+    run_virtual(simulation.run())
+    return simulation
+
+
+def test_a_learned_limit_saturates_the_quota_without_429s() -> None:
+    sim = simulate(Simulation(tpm=60_000, replicas=[budget(tpm=None, rpm=None, max_window=32)]))
+    assert sim.utilisation() >= 0.95
+    assert sim.throttled / sim.requests <= 0.02
+
+
+def test_a_configured_limit_saturates_the_quota_without_any_429() -> None:
+    sim = simulate(Simulation(tpm=60_000, replicas=[budget(tpm=60_000, rpm=None, max_window=32)]))
+    assert sim.utilisation() >= 0.95
+    assert sim.throttled == 0
+
+
+def test_with_no_headers_aimd_finds_the_limit() -> None:
+    sim = simulate(
+        Simulation(tpm=60_000, replicas=[budget(tpm=None, rpm=None, max_window=32)], send_headers=False)
+    )
+    assert sim.utilisation() >= 0.75
+    assert sim.throttled / sim.requests <= 0.05
+
+
+def test_two_replicas_share_a_quota() -> None:
+    replicas = [budget(tpm=None, rpm=None, max_window=16) for _ in range(2)]
+    sim = simulate(Simulation(tpm=60_000, replicas=replicas, prompts=1600))
+    assert sim.utilisation() >= 0.9
+    assert sim.throttled / sim.requests <= 0.05
+    shares = [sim.served_by_replica[i] / sum(sim.served_by_replica.values()) for i in range(2)]
+    assert min(shares) >= 0.35

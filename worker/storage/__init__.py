@@ -42,6 +42,10 @@ class ClaimedUnit(Protocol):
     """A work unit this process holds: the only writer of its result file until released."""
 
     done_ids: set[str]
+    max_appends: int | None
+    """Appends one result file takes (an append blob: 50,000 blocks); None = no limit."""
+    appends_used: int
+    """Appends the result file holds so far, this run's and earlier runs'."""
 
     async def append(self, data: bytes) -> None:
         """Append complete result lines durably; raises LeaseLost when the claim is gone."""

@@ -25,12 +25,13 @@ from azure.core.exceptions import (
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
 from worker.errors import AccessDenied, ConfigError, LeaseLost
-from worker.formats import RESULT_SUFFIX, custom_ids_in
+from worker.formats import RESULT_SUFFIX, ResultScanner
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
 
 log = structlog.get_logger("worker.storage")
 
 MAX_APPEND_BYTES = 4 * 1024 * 1024
+MAX_APPEND_BLOCKS = 50_000
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
 LEASE_GONE_CODES = {
@@ -122,7 +123,14 @@ class BlobUnit:
     """An append blob held under a renewed lease."""
 
     def __init__(
-        self, blob: BlobClient, lease: BlobLeaseClient, length: int, done_ids: set[str], *, renew_every: float
+        self,
+        blob: BlobClient,
+        lease: BlobLeaseClient,
+        length: int,
+        done_ids: set[str],
+        *,
+        renew_every: float,
+        appends_used: int,
     ) -> None:
         self._blob = blob
         self._renew_every = renew_every
@@ -130,6 +138,8 @@ class BlobUnit:
         self._length = length
         self._lost = False
         self.done_ids = done_ids
+        self.max_appends: int | None = MAX_APPEND_BLOCKS
+        self.appends_used = appends_used
         self._renewer = asyncio.create_task(self._keep_lease(), name=f"lease:{blob.blob_name}")
 
     async def _keep_lease(self) -> None:
@@ -181,6 +191,7 @@ class BlobUnit:
             if properties.size != self._length + len(block):
                 raise
         self._length += len(block)
+        self.appends_used += 1
 
     async def finish(self, items: int) -> None:
         self._check()
@@ -260,17 +271,24 @@ class BlobSink:
                     return None
                 if properties.blob_type != "AppendBlob":
                     _not_append_blob(where)
-                done_ids: set[str] = set()
-                length = properties.size
-                if length:
-                    data = await (await blob.download_blob(lease=lease)).readall()
-                    done_ids, _ = custom_ids_in(data)
-                    length = len(data)
+                scanner = ResultScanner()
+                length = 0
+                if properties.size:
+                    async for chunk in (await blob.download_blob(lease=lease)).chunks():
+                        scanner.feed(chunk)
+                        length += len(chunk)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await lease.release()
                 raise
-        return BlobUnit(blob, lease, length, done_ids, renew_every=self._lease_seconds / 3)
+        return BlobUnit(
+            blob,
+            lease,
+            length,
+            scanner.ids,
+            renew_every=self._lease_seconds / 3,
+            appends_used=properties.append_blob_committed_block_count or 0,
+        )
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
         name = f"{self._prefix}{MANIFEST_FOLDER}/{run_id}.json"

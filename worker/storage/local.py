@@ -12,7 +12,7 @@ from pathlib import Path
 import aiofiles
 
 from worker.errors import ConfigError
-from worker.formats import custom_ids_in
+from worker.formats import ResultScanner
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
 
 READ_CHUNK = 1024 * 1024
@@ -70,6 +70,8 @@ class LocalUnit:
         self._marker = marker
         self._lock_fd: int | None = lock_fd
         self.done_ids = done_ids
+        self.max_appends: int | None = None
+        self.appends_used = 0
 
     async def append(self, data: bytes) -> None:
         async with aiofiles.open(self._result, "ab") as file:
@@ -137,14 +139,15 @@ class LocalSink:
         if marker.exists():
             os.close(fd)
             return None
-        done_ids: set[str] = set()
+        scanner = ResultScanner()
         if result.exists():
-            data = result.read_bytes()
-            done_ids, complete = custom_ids_in(data)
-            if complete < len(data):
-                with result.open("r+b") as file:
-                    file.truncate(complete)
-        return LocalUnit(result, marker, fd, done_ids)
+            async with aiofiles.open(result, "rb") as file:
+                while chunk := await file.read(READ_CHUNK):
+                    scanner.feed(chunk)
+            if scanner.complete < result.stat().st_size:
+                with result.open("r+b") as torn:
+                    torn.truncate(scanner.complete)
+        return LocalUnit(result, marker, fd, scanner.ids)
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
         path = self.root / MANIFEST_FOLDER / f"{run_id}.json"
