@@ -293,13 +293,29 @@ class SharedTokens(AsyncTokenCredential):
         **kwargs: Any,
     ) -> AccessToken:
         """AsyncTokenCredential protocol, for the blob SDK."""
-        info = await self.token(scopes[0])
+        options: TokenRequestOptions = {}
+        if claims:
+            options["claims"] = claims
+        if tenant_id:
+            options["tenant_id"] = tenant_id
+        info = await self.get_token_info(*scopes, options=options)
         return AccessToken(info.token, info.expires_on)
 
     async def get_token_info(
         self, *scopes: str, options: TokenRequestOptions | None = None
     ) -> AccessTokenInfo:
-        """AsyncSupportsTokenInfo protocol, for the blob SDK."""
+        """AsyncSupportsTokenInfo protocol, for the blob SDK.
+
+        A request with claims or a tenant comes from a service's authentication challenge (the cached
+        token was refused): it goes to the credential, and a claims answer replaces the cached token.
+        """
+        if options and (options.get("claims") or options.get("tenant_id")):
+            self.fetches += 1
+            info: AccessTokenInfo = await self._credential.get_token_info(*scopes, options=options)  # type: ignore[attr-defined]
+            if options.get("claims") and not options.get("tenant_id"):
+                self._slot(scopes[0]).token = info
+                self.refreshes += 1
+            return info
         return await self.token(scopes[0])
 
     async def close(self) -> None:

@@ -1,9 +1,11 @@
 """The fakes process: identity server (HTTP) and Azure OpenAI (HTTPS) sharing one token mint.
 
-    python -m tests.stack.fakes --tls-dir DIR --ready-file FILE [--config JSON]
+    python -m tests.stack.fakes --tls-dir DIR --state-dir STATE --ready-file FILE [--config JSON]
 
-DIR must hold ca.pem, server.pem and server.key (see certs.py); the RSA signing key is written there too
-(signing-key.pem) so the parent can mint storage tokens with the same key. --config is a JSON object
+Servers: identity (HTTP: managed identity + admin API), Azure OpenAI (HTTPS), Entra authority (HTTPS),
+GCE metadata (HTTP). DIR must hold ca.pem, server.pem and server.key (see certs.py); the RSA signing key is
+written there too (signing-key.pem) so the parent can mint storage tokens with the same key. STATE receives
+the fake tenant's secrets (sp_cert.pem, the external issuers' keys; see directory.py). --config is a JSON object
 {"openai": {...}, "identity": {...}} of initial settings. Once every server listens, FILE is written
 atomically with the ports and generated ids; the process then serves until SIGTERM or SIGINT.
 """
@@ -26,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from .certs import TlsFiles, server_ssl_context
+from .directory import EntraDirectory
 from .identity import FakeIdentity, IdentityConfig, ManagedIdentities
 from .openai_fake import FakeAzureOpenAI, OpenAIConfig
 from .settings import merge
@@ -43,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.stack.fakes", description=__doc__)
     parser.add_argument(
         "--tls-dir", type=Path, required=True, help="directory with ca.pem/server.pem/server.key"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, required=True, help="directory for the tenant's secret files"
     )
     parser.add_argument("--ready-file", type=Path, required=True, help="JSON file written once listening")
     parser.add_argument("--config", type=json.loads, default={}, help='{"openai": {...}, "identity": {...}}')
@@ -68,7 +74,7 @@ def _write_atomically(path: Path, data: dict[str, Any]) -> None:
     temporary.replace(path)
 
 
-async def serve(tls_dir: Path, ready_file: Path, config: dict[str, Any]) -> None:
+async def serve(tls_dir: Path, state_dir: Path, ready_file: Path, config: dict[str, Any]) -> None:
     """Run every fake until SIGTERM/SIGINT, announcing the ports in `ready_file`."""
     unknown = set(config) - CONFIG_SECTIONS
     if unknown:
@@ -80,7 +86,8 @@ async def serve(tls_dir: Path, ready_file: Path, config: dict[str, Any]) -> None
     signing_key_file = tls_dir / SIGNING_KEY_FILE
     mint.write_private_key(signing_key_file)
     identities = ManagedIdentities.new()
-    identity = FakeIdentity(mint, identities, merge(IdentityConfig(), config.get("identity", {})))
+    directory = EntraDirectory.new(state_dir, mint.tenant_id)
+    identity = FakeIdentity(mint, identities, merge(IdentityConfig(), config.get("identity", {})), directory)
     openai_config = merge(OpenAIConfig(api_key=secrets.token_hex(16)), config.get("openai", {}))
     openai = FakeAzureOpenAI(mint, openai_config)
 
@@ -91,6 +98,8 @@ async def serve(tls_dir: Path, ready_file: Path, config: dict[str, Any]) -> None
     async with (
         _serving(identity.app(), None) as identity_port,
         _serving(openai.app(), server_ssl_context(tls)) as openai_port,
+        _serving(identity.entra.app(), server_ssl_context(tls)) as authority_port,
+        _serving(identity.gce.app(), None) as gce_metadata_port,
     ):
         _write_atomically(
             ready_file,
@@ -98,11 +107,14 @@ async def serve(tls_dir: Path, ready_file: Path, config: dict[str, Any]) -> None
                 "pid": os.getpid(),
                 "identity_port": identity_port,
                 "openai_port": openai_port,
+                "authority_port": authority_port,
+                "gce_metadata_port": gce_metadata_port,
                 "tenant_id": mint.tenant_id,
                 "signing_key_file": str(signing_key_file),
                 "kid": mint.kid,
                 "openai_api_key": openai_config.api_key,
                 **identities.as_json(),
+                "entra": directory.as_json(),
             },
         )
         await stop.wait()
@@ -111,7 +123,7 @@ async def serve(tls_dir: Path, ready_file: Path, config: dict[str, Any]) -> None
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m tests.stack.fakes`."""
     args = parse_args(argv)
-    asyncio.run(serve(args.tls_dir, args.ready_file, args.config))
+    asyncio.run(serve(args.tls_dir, args.state_dir, args.ready_file, args.config))
 
 
 if __name__ == "__main__":

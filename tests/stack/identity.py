@@ -1,8 +1,10 @@
-"""A fake managed-identity endpoint (the App Service / Container Apps protocol, over plain HTTP).
+"""The identity server: a fake managed-identity endpoint (the App Service / Container Apps protocol, over plain
+HTTP) and the admin API of every identity stand-in (the Entra authority and the GCE metadata server live in
+the same process and share its stats, config and token mint).
 
 azure-identity calls `GET {IDENTITY_ENDPOINT}?api-version=2019-08-01&resource=R[&client_id=C]` with the
 header `X-IDENTITY-HEADER: {IDENTITY_HEADER}`. Every successful call mints a new token. The admin API
-(`/_admin/...`, no auth) exposes stats, revocation and outage knobs.
+(`/_admin/...`, no auth) exposes stats, revocation, outage knobs and the fake `az`'s token minting.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from .directory import EntraDirectory
+from .entra import AuthorityKnobs, FakeEntra
+from .gce_metadata import FakeGceMetadata
 from .settings import SettingsError, as_json, merge
 from .tokens import Principal, TokenMint, audience_of
 
@@ -34,6 +39,10 @@ class IdentityConfig:
     """HTTP status of a forced failure."""
     down: bool = False
     """While true, token requests get their connection dropped without an answer."""
+    authority_fail_next: int = 0
+    """The next N requests to the Entra token endpoint fail with `authority_fail_status`."""
+    authority_fail_status: int = 503
+    """HTTP status of a forced authority failure (azure-identity retries 5xx itself, up to 3 times)."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +81,23 @@ class ManagedIdentities:
 
 @dataclass
 class IdentityStats:
-    """Counters over token requests."""
+    """Counters over token requests of every kind: msi, entra, gce-metadata (identity tokens), az-cli."""
 
     requests: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_kind: Counter[str] = field(default_factory=Counter)
+
+    def record(self, kind: str, status: int) -> None:
+        """Count one answered token request."""
+        self.requests += 1
+        self.by_kind[kind] += 1
+        self.by_status[str(status)] += 1
+
+    def clear(self) -> None:
+        """Zero every counter."""
+        self.requests = 0
+        self.by_status.clear()
+        self.by_kind.clear()
 
 
 def _msi_error(status: int, message: str) -> web.Response:
@@ -87,17 +108,46 @@ def _msi_error(status: int, message: str) -> web.Response:
 class FakeIdentity:
     """The aiohttp application of the identity server and its state."""
 
-    def __init__(self, mint: TokenMint, identities: ManagedIdentities, config: IdentityConfig) -> None:
+    def __init__(
+        self,
+        mint: TokenMint,
+        identities: ManagedIdentities,
+        config: IdentityConfig,
+        directory: EntraDirectory,
+    ) -> None:
         self.mint = mint
         self.identities = identities
         self.initial_config = config
         self.config = merge(config, {})
         self.stats = IdentityStats()
+        self.entra = FakeEntra(
+            mint,
+            directory,
+            knobs=self._authority_knobs,
+            consume_failure=self._consume_authority_failure,
+            record=self.stats.record,
+        )
+        self.gce = FakeGceMetadata(directory.google, directory.gcp_account, record=self.stats.record)
+
+    def _authority_knobs(self) -> AuthorityKnobs:
+        config = self.config
+        return AuthorityKnobs(
+            token_lifetime_s=config.token_lifetime_s,
+            fail_next=config.authority_fail_next,
+            fail_status=config.authority_fail_status,
+        )
+
+    def _consume_authority_failure(self) -> bool:
+        if self.config.authority_fail_next > 0:
+            self.config.authority_fail_next -= 1
+            return True
+        return False
 
     def app(self) -> web.Application:
         """The web application: the MSI token endpoint and the admin API."""
         app = web.Application()
         app.router.add_get("/msi/token", self._msi_token)
+        app.router.add_post("/_admin/az-token", self.entra.az_token)
         app.router.add_get("/_admin/stats", self._admin_stats)
         app.router.add_post("/_admin/revoke", self._admin_revoke)
         app.router.add_post("/_admin/config", self._admin_config)
@@ -105,10 +155,8 @@ class FakeIdentity:
         return app
 
     async def _msi_token(self, request: web.Request) -> web.StreamResponse:
-        self.stats.requests += 1
-        self.stats.by_kind["msi"] += 1
         response = self._msi_answer(request)
-        self.stats.by_status[str(response.status)] += 1
+        self.stats.record("msi", response.status)
         return response
 
     def _msi_answer(self, request: web.Request) -> web.StreamResponse:
@@ -175,6 +223,8 @@ class FakeIdentity:
             "by_status": dict(stats.by_status),
             "by_kind": dict(stats.by_kind),
             **self.mint.stats(),
+            "entra": self.entra.stats.as_json(),
+            "gce_metadata": self.gce.stats(),
         }
         return web.Response(body=json.dumps(body).encode(), content_type=JSON_TYPE)
 
@@ -194,6 +244,8 @@ class FakeIdentity:
 
     async def _admin_reset(self, _request: web.Request) -> web.Response:
         self.config = merge(self.initial_config, {})
-        self.stats = IdentityStats()
+        self.stats.clear()
+        self.entra.reset()
+        self.gce.reset()
         self.mint.clear_stats()
         return web.Response(body=json.dumps(as_json(self.config)).encode(), content_type=JSON_TYPE)

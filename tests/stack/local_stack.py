@@ -19,7 +19,19 @@ from .admin import IdentityAdmin, OpenAIAdmin
 from .azurite import Azurite
 from .certs import TlsFiles, client_ssl_context, write_tls_files
 from .credential import MintCredential
+from .directory import (
+    GCP_FEDERATION,
+    INTERACTIVE,
+    SP_CERT,
+    SP_SECRET,
+    WORKLOAD_IDENTITY,
+    WORKLOAD_SUBJECT,
+    ExternalIssuer,
+    kubernetes_token,
+)
+from .fake_az import LOGGED_OUT_MARKER
 from .procs import ManagedProcess
+from .scripts import write_fake_az, write_fake_browser
 from .tokens import Principal, TokenMint
 from .worker_env import StackEndpoints, worker_env
 
@@ -30,10 +42,15 @@ HOST = "127.0.0.1"
 
 
 class LocalStack:
-    """Azurite over HTTPS with OAuth, a fake managed-identity endpoint and a fake Azure OpenAI.
+    """Azurite over HTTPS with OAuth, a fake Azure OpenAI and stand-ins for every way to get an Entra token.
 
-    Everything runs on 127.0.0.1 under `workdir` (certificates in tls/, Azurite data in azurite/, process
-    output in logs/). Azurite's data is wiped on start; it survives `restart_azurite()`.
+    Identity stand-ins: a managed-identity endpoint, an Entra authority (service principals with a secret or
+    a certificate, federated credentials for workload identity and GCP, the interactive auth-code flow),
+    a GCE metadata server, a fake `az` and a scripted browser.
+
+    Everything runs on 127.0.0.1 under `workdir` (certificates in tls/, the tenant's secret files in entra/,
+    Azurite data in azurite/, executables in bin/, `az` state in az/, process output in logs/). Azurite's
+    data is wiped on start; it survives `restart_azurite()`.
     """
 
     def __init__(
@@ -56,6 +73,7 @@ class LocalStack:
         self._tls: TlsFiles | None = None
         self._openai_admin: OpenAIAdmin | None = None
         self._identity_admin: IdentityAdmin | None = None
+        self._issuers: dict[str, ExternalIssuer] = {}
         self.startup_seconds = 0.0
         """Wall-clock time `start()` took, in seconds."""
 
@@ -88,6 +106,7 @@ class LocalStack:
                 [
                     sys.executable, "-m", "tests.stack.fakes",
                     "--tls-dir", str(tls.ca.parent),
+                    "--state-dir", str(self.workdir / "entra"),
                     "--ready-file", str(ready_file),
                     "--config", json.dumps(self._initial_config),
                 ],
@@ -107,9 +126,30 @@ class LocalStack:
                 Path(self._ready["signing_key_file"]), self._ready["tenant_id"]
             )
             self._openai_admin = OpenAIAdmin(self.openai_endpoint, self.ssl_context())
-            self._identity_admin = IdentityAdmin(f"http://{HOST}:{self._ready['identity_port']}")
+            self._identity_admin = IdentityAdmin(self._identity_base_url)
+            self._prepare_identity_files()
             self._exit_stack = cleanup.pop_all()
         self.startup_seconds = time.monotonic() - started
+
+    def _prepare_identity_files(self) -> None:
+        """Load the external issuers' keys; write the federated token file, the fake az and the browser."""
+        self._issuers = {
+            name: ExternalIssuer.load(name, facts["issuer"], Path(facts["key_file"]))
+            for name, facts in self._entra["issuers"].items()
+        }
+        self.write_federated_token()
+        write_fake_az(
+            self.az_bin_dir,
+            admin_url=self._identity_base_url,
+            state_dir=self.workdir / "az",
+            tenant_id=self.tenant_id,
+            subscription_id=self.subscription_id,
+            upn=self.user_upn,
+        )
+        self.az_login()
+        write_fake_browser(
+            self.az_bin_dir, ca_file=self.ca_file, log_file=self.workdir / "logs" / "browser.log"
+        )
 
     def close(self) -> None:
         """Stop every process of the stack (idempotent)."""
@@ -175,6 +215,149 @@ class LocalStack:
         return str(self._ready["system_assigned"]["client_id"])
 
     @property
+    def _identity_base_url(self) -> str:
+        return f"http://{HOST}:{self._ready['identity_port']}"
+
+    @property
+    def _entra(self) -> dict[str, Any]:
+        entra: dict[str, Any] = self._ready["entra"]
+        return entra
+
+    def _client_id(self, app: str) -> str:
+        return str(self._entra["apps"][app]["client_id"])
+
+    # ---- Entra authority and federation ---------------------------------------------------------------
+
+    @property
+    def authority_host(self) -> str:
+        """AZURE_AUTHORITY_HOST of the fake Entra authority: https://127.0.0.1:<port>."""
+        return f"https://{HOST}:{self._ready['authority_port']}"
+
+    @property
+    def subscription_id(self) -> str:
+        """The subscription the fake `az` reports."""
+        return str(self._entra["subscription_id"])
+
+    @property
+    def app_ids(self) -> dict[str, dict[str, str]]:
+        """App registrations by name -> {"client_id", "object_id" (of the service principal)}."""
+        return {name: dict(ids) for name, ids in self._entra["apps"].items()}
+
+    @property
+    def sp_client_id(self) -> str:
+        """Client id of the service principal that authenticates with `sp_client_secret`."""
+        return self._client_id(SP_SECRET)
+
+    @property
+    def sp_client_secret(self) -> str:
+        """The client secret of `sp_client_id` (random per stack)."""
+        return str(self._entra["sp_client_secret"])
+
+    @property
+    def sp_cert_client_id(self) -> str:
+        """Client id of the service principal that authenticates with the certificate at `sp_cert_path`."""
+        return self._client_id(SP_CERT)
+
+    @property
+    def sp_cert_path(self) -> Path:
+        """PEM file with the private key and the certificate registered on `sp_cert_client_id`."""
+        return Path(self._entra["sp_cert_path"])
+
+    @property
+    def workload_client_id(self) -> str:
+        """Client id of the app whose federated credential trusts the Kubernetes service account."""
+        return self._client_id(WORKLOAD_IDENTITY)
+
+    @property
+    def workload_issuer(self) -> ExternalIssuer:
+        """The Kubernetes service-account issuer (https://oidc.local-aks.test/<uuid>/), with its key."""
+        return self._issuers["kubernetes"]
+
+    @property
+    def workload_subject(self) -> str:
+        """Subject of the federated credential: system:serviceaccount:batch:worker."""
+        return WORKLOAD_SUBJECT
+
+    @property
+    def federated_token_file(self) -> Path:
+        """AZURE_FEDERATED_TOKEN_FILE: a projected service-account token (rewrite it: write_federated_token)."""
+        return self.workdir / "entra" / "federated-token"
+
+    def write_federated_token(
+        self, *, subject: str = WORKLOAD_SUBJECT, lifetime_s: int = 3600, path: Path | None = None
+    ) -> str:
+        """Mint a new service-account token (as the kubelet rotates it) into `path` (default the token file).
+
+        WorkloadIdentityCredential re-reads the file at most every 10 minutes per credential instance.
+        """
+        token = kubernetes_token(self.workload_issuer, subject=subject, lifetime_s=lifetime_s)
+        target = path or self.federated_token_file
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(token)
+        temporary.replace(target)
+        return token
+
+    @property
+    def gcp_client_id(self) -> str:
+        """Client id of the app whose federated credential trusts the Google service account."""
+        return self._client_id(GCP_FEDERATION)
+
+    @property
+    def google_issuer(self) -> ExternalIssuer:
+        """The https://accounts.google.com issuer as the stack simulates it, with its key."""
+        return self._issuers["google"]
+
+    @property
+    def gcp_service_account_id(self) -> str:
+        """Numeric unique id of the Google service account (the `sub` of its ID tokens)."""
+        return str(self._entra["gcp_service_account"]["unique_id"])
+
+    @property
+    def gcp_service_account_email(self) -> str:
+        """E-mail of the Google service account."""
+        return str(self._entra["gcp_service_account"]["email"])
+
+    @property
+    def gce_metadata_host(self) -> str:
+        """GCE_METADATA_HOST of the fake metadata server: 127.0.0.1:<port> (plain HTTP)."""
+        return f"{HOST}:{self._ready['gce_metadata_port']}"
+
+    @property
+    def interactive_client_id(self) -> str:
+        """Client id of the public client app (redirect URI http://localhost, any port) for interactive sign-in."""
+        return self._client_id(INTERACTIVE)
+
+    @property
+    def user_upn(self) -> str:
+        """UPN of the directory's user: signed in to the fake az, and the one the scripted browser signs in."""
+        return str(self._entra["user"]["upn"])
+
+    @property
+    def user_object_id(self) -> str:
+        """Object id of the directory's user (`oid` of delegated tokens)."""
+        return str(self._entra["user"]["object_id"])
+
+    @property
+    def az_bin_dir(self) -> Path:
+        """Directory holding the fake `az` (and `browser`): prepend it to PATH."""
+        return self.workdir / "bin"
+
+    @property
+    def browser(self) -> Path:
+        """The scripted browser: set BROWSER to it for InteractiveBrowserCredential."""
+        return self.az_bin_dir / "browser"
+
+    def az_logout(self) -> None:
+        """Make the fake az behave as after `az logout` (token requests fail: "Please run 'az login'...")."""
+        marker = self.workdir / "az" / LOGGED_OUT_MARKER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+    def az_login(self) -> None:
+        """Sign the fake az back in (the default)."""
+        (self.workdir / "az" / LOGGED_OUT_MARKER).unlink(missing_ok=True)
+
+    @property
     def mint(self) -> TokenMint:
         """A mint holding the fakes' signing key (its issued/revoked sets are separate from the fakes')."""
         if self._mint is None:
@@ -205,6 +388,19 @@ class LocalStack:
                 identity_header=self.identity_header,
                 user_assigned_client_id=self.user_assigned_client_id,
                 openai_api_key=self.openai_api_key,
+                tenant_id=self.tenant_id,
+                authority_host=self.authority_host,
+                sp_client_id=self.sp_client_id,
+                sp_client_secret=self.sp_client_secret,
+                sp_cert_client_id=self.sp_cert_client_id,
+                sp_cert_path=self.sp_cert_path,
+                workload_client_id=self.workload_client_id,
+                federated_token_file=self.federated_token_file,
+                gcp_client_id=self.gcp_client_id,
+                gce_metadata_host=self.gce_metadata_host,
+                interactive_client_id=self.interactive_client_id,
+                az_bin_dir=self.az_bin_dir,
+                browser=self.browser,
             ),
             auth,
         )
@@ -218,7 +414,12 @@ class LocalStack:
 
     @property
     def identity(self) -> IdentityAdmin:
-        """Admin client of the identity server: stats(), revoke_all(), configure(**settings), reset()."""
+        """Admin client of every identity stand-in: stats(), revoke_all(), configure(**settings), reset().
+
+        stats(): `requests`/`by_status`/`by_kind` over all token requests (kinds: msi, entra, gce-metadata,
+        az-cli), `issued` (minted tokens by source/audience/principal), `entra` (token requests by
+        grant/kind/app/status, AADSTS error counts, authorize and claims requests), `gce_metadata`.
+        """
         if self._identity_admin is None:
             raise RuntimeError("the stack is not started")
         return self._identity_admin

@@ -12,6 +12,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,18 @@ class TokenMint:
         path.write_bytes(pem)
 
     def mint(
-        self, audience: str, principal: Principal, *, source: str, lifetime_s: int | None = None
+        self,
+        audience: str,
+        principal: Principal,
+        *,
+        source: str,
+        lifetime_s: int | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
     ) -> IssuedToken:
-        """Sign a new token (fresh `jti`) for `principal`; `source` labels the issuing endpoint in stats."""
+        """Sign a new token (fresh `jti`) for `principal`; `source` labels the issuing endpoint in stats.
+
+        `extra_claims` are added to (or replace) the app-only claims, e.g. `upn`/`scp` for a user token.
+        """
         now = int(time.time())
         expires_on = now + (self.lifetime_s if lifetime_s is None else lifetime_s)
         jti = uuid.uuid4().hex
@@ -133,11 +143,22 @@ class TokenMint:
             "ver": "1.0",
             "jti": jti,
             "uti": jti,
+            **(extra_claims or {}),
         }
         token = jwt.encode(claims, self._private_key, algorithm="RS256", headers={"kid": self.kid})
         self._issued.add(jti)
         self._issued_by[(source, audience, principal.name)] += 1
         return IssuedToken(token=token, expires_on=expires_on, jti=jti)
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        """Sign arbitrary claims with the mint's key (e.g. an ID token); not counted, not verifiable by `verify`
+        unless the claims have the access-token shape."""
+        return jwt.encode(dict(claims), self._private_key, algorithm="RS256", headers={"kid": self.kid})
+
+    def jwk(self) -> dict[str, Any]:
+        """The public signing key as a JWK (for the authority's jwks_uri)."""
+        key: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(self._public_key, as_dict=True)
+        return {**key, "kid": self.kid, "use": "sig", "alg": "RS256"}
 
     def verify(self, token: str, audience: str) -> dict[str, Any]:
         """The token's claims if it is signed by this mint, for `audience`, current and not revoked.
