@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -45,7 +46,8 @@ GUARD_SECONDS = 0.2  # the client-side window is this much longer than Azure's: 
 BURST_SECONDS = 1.0  # pacing lets through at most this much of the rate at once
 DECREASE_FACTOR = 0.7  # a 429 cuts the rate to this fraction of what was being sent
 INCREASE_PER_SECOND = 0.03  # then it grows per second by this fraction of the known limit (else the cut rate)
-LEARN_WEIGHT = 0.2  # weight of a new header sample in the learned window capacity
+LEARN_SAMPLES = 9  # the learned capacity is the median of the last few header samples
+LEARN_SECONDS = 20.0  # and rises toward a higher estimate with this time constant
 MIN_PER_MINUTE = 1.0
 INITIAL_WINDOW = 16
 MIN_WINDOW = 2
@@ -120,12 +122,15 @@ class Dimension:
         self._learned_from_limit_header = False
         self._aimd_base: float | None = None
         self._aimd_at = 0.0
-        self._recent: deque[tuple[float, float]] = deque()
-        self._old: deque[tuple[float, float]] = deque()
+        self._recent: deque[list[float]] = deque()  # [start, cost]
+        self._old: deque[list[float]] = deque()
+        self._samples: deque[float] = deque(maxlen=LEARN_SAMPLES)
+        self._learned_at = -math.inf
         self.recent_total = 0.0
         self._old_total = 0.0
         self._tat = -math.inf  # pacing: the theoretical time the next request may start
         self._last = -math.inf
+        self._advanced = -math.inf
         self._first: float | None = None
 
     @property
@@ -159,21 +164,30 @@ class Dimension:
             start = max(start, self._expiry_covering(excess))
         return start
 
-    def commit(self, cost: float, start: float, now: float) -> float:
-        """Record a request of `cost` starting at `start` (>= `plan`'s answer); returns the usage of
-        Azure's window at `start`, this request included."""
+    def commit(self, cost: float, start: float, now: float) -> list[float]:
+        """Record a request of `cost` starting at `start` (>= `plan`'s answer); returns its log entry."""
         self._advance(start)
         limit = self.limit(now)
         if limit is not None:
             capacity = limit / WINDOW_FRACTION
             cost = min(cost, capacity)
             self._tat = max(self._tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
-        self._recent.append((start, cost))
+        entry = [start, cost]
+        self._recent.append(entry)
         self.recent_total += cost
         self._last = start
         if self._first is None:
             self._first = start
-        return self.recent_total
+        return entry
+
+    def refund(self, entry: list[float]) -> None:
+        """The server refused this request (429): it does not count in Azure's window, so not here."""
+        at, cost = entry
+        if at > self._advanced - WINDOW_SECONDS:
+            self.recent_total -= cost
+        elif at > self._advanced - WINDOW_SECONDS - GUARD_SECONDS:
+            self._old_total -= cost
+        entry[1] = 0.0
 
     def _expiry_covering(self, excess: float) -> float:
         """When enough of the log has aged out of the guarded window to make room for `excess`."""
@@ -185,6 +199,7 @@ class Dimension:
         return self._last + WINDOW_SECONDS + GUARD_SECONDS  # unreachable while cost <= capacity
 
     def _advance(self, now: float) -> None:
+        self._advanced = max(self._advanced, now)
         recent, old = self._recent, self._old
         while recent and recent[0][0] <= now - WINDOW_SECONDS:
             entry = recent.popleft()
@@ -198,18 +213,26 @@ class Dimension:
             if not old:
                 self._old_total = 0.0
 
-    def learn(self, remaining: float | None, limit: float | None, usage: float) -> None:
-        """A response's headers: `limit` per minute if the server said it, else `remaining` in the window."""
+    def learn(self, remaining: float | None, limit: float | None, usage: float, now: float) -> None:
+        """A response's headers: `limit` per minute if the server said it, else `remaining` in the window.
+
+        `remaining + usage` is the window capacity left to this process: the deployment's, less what other
+        clients use. A lower estimate applies at once; a higher one is approached over LEARN_SECONDS, so
+        that clients sharing a quota do not all grab the same headroom at the same moment.
+        """
         if limit is not None and limit > 0:
             self.learned = limit
             self._learned_from_limit_header = True
             return
         if remaining is None or self._learned_from_limit_header:
             return
-        sample = (remaining + usage) * WINDOW_FRACTION
-        self.learned = (
-            sample if self.learned is None else self.learned + LEARN_WEIGHT * (sample - self.learned)
-        )
+        self._samples.append((remaining + usage) * WINDOW_FRACTION)
+        estimate = statistics.median(self._samples)  # robust to a sample off by a request in flight
+        if self.learned is None or estimate <= self.learned:
+            self.learned = estimate
+        else:
+            self.learned += (estimate - self.learned) * min(1.0, (now - self._learned_at) / LEARN_SECONDS)
+        self._learned_at = now
 
     def decrease(self, now: float) -> None:
         """A 429: pace at DECREASE_FACTOR × min(current limit, what was actually sent lately)."""
@@ -240,7 +263,7 @@ class Permit:
     neutral. Call `observe(response.headers)` on a response so the budget learns the deployment's limit.
     """
 
-    __slots__ = ("_budget", "_held", "admitted_at", "tokens", "usage", "waited")
+    __slots__ = ("_budget", "_held", "admitted_at", "entries", "full_mark", "tokens", "usage", "waited")
 
     def __init__(self, budget: RateBudget, tokens: int) -> None:
         self._budget = budget
@@ -248,12 +271,14 @@ class Permit:
         self.waited = 0.0
         self.admitted_at = 0.0
         self.usage = (0.0, 0.0)  # this process's (tokens, requests) in Azure's window when admitted
+        self.entries: tuple[list[float], list[float]] | None = None  # its place in the usage logs
+        self.full_mark = 0  # see RateBudget._full_marks
         self._held = False
 
     async def __aenter__(self) -> Permit:
-        await self._budget._take_slot()
+        self.full_mark = await self._budget._take_slot()
         try:
-            self.waited, self.usage = await self._budget._wait_turn(self.tokens)
+            self.waited = await self._budget._wait_turn(self.tokens, self)
         except BaseException:
             self._budget._release_slot()
             raise
@@ -302,8 +327,9 @@ class RateBudget:
         self.window = float(min(INITIAL_WINDOW, self.max_window))
         self._slow_start = True
         self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[int]] = deque()
         self._last_cut = -math.inf
+        self._full_marks = 0  # counts the moments the window filled up; a permit that saw one may grow it
         self.latency: float | None = None
         self._mean_cost: float | None = None
         self.throttled = 0
@@ -316,8 +342,7 @@ class RateBudget:
 
     async def acquire(self, tokens: int) -> float:
         """Wait until a request of `tokens` fits the TPM/RPM budget; returns the seconds waited."""
-        waited, _ = await self._wait_turn(tokens)
-        return waited
+        return await self._wait_turn(tokens, None)
 
     def pause(self, seconds: float) -> None:
         """The service said to wait: hold every request to this deployment for `seconds`."""
@@ -333,7 +358,7 @@ class RateBudget:
             rate = self._requests_per_second(self.clock.now())
             if rate is not None:
                 window = min(window, max(MIN_WINDOW, LATENCY_HEADROOM * rate * self.latency + 1.0))
-        return max(1, int(window))
+        return max(1, int(window + 1e-9))
 
     def snapshot(self) -> dict[str, Any]:
         """What the budget knows now, for the manifest and the logs."""
@@ -348,7 +373,7 @@ class RateBudget:
 
     # ---- pacing -----------------------------------------------------------------------------------
 
-    async def _wait_turn(self, tokens: int) -> tuple[float, tuple[float, float]]:
+    async def _wait_turn(self, tokens: int, permit: Permit | None) -> float:
         clock = self.clock
         waited = 0.0
         if self._mean_cost is None:
@@ -363,13 +388,18 @@ class RateBudget:
                 continue
             pauses = self._pauses
             start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
-            usage = (self.tokens.commit(tokens, start, now), self.requests.commit(1, start, now))
+            entries = (self.tokens.commit(tokens, start, now), self.requests.commit(1, start, now))
+            if permit is not None:
+                permit.entries = entries
+                permit.usage = (self.tokens.recent_total, self.requests.recent_total)
             if start > now:
                 await clock.sleep(start - now)
                 waited += start - now
             # A pause announced while this request slept still applies: wait it out, then queue again.
             if self._pauses == pauses or self._paused_until <= clock.now():
-                return waited, usage
+                return waited
+            self.tokens.refund(entries[0])
+            self.requests.refund(entries[1])
 
     def _requests_per_second(self, now: float) -> float | None:
         rates = []
@@ -383,14 +413,19 @@ class RateBudget:
 
     # ---- the window on requests in flight ---------------------------------------------------------
 
-    async def _take_slot(self) -> None:
-        if not self._waiters and self.in_flight < self.window_limit():
-            self.in_flight += 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _take_slot(self) -> int:
+        """Take a slot in the window; returns the full-window mark to compare with on success."""
+        if not self._waiters:
+            limit = self.window_limit()
+            if self.in_flight < limit:
+                mark = self._full_marks
+                self.in_flight += 1
+                self._note_if_full()
+                return mark
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await waiter
+            return await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self._release_slot()  # the slot was handed over just as the wait was cancelled
@@ -405,15 +440,23 @@ class RateBudget:
 
     def _wake(self) -> None:
         limit = self.window_limit()
+        mark = self._full_marks
         while self._waiters and self.in_flight < limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self.in_flight += 1
-                waiter.set_result(None)
+                waiter.set_result(mark)
+        self._note_if_full()
+
+    def _note_if_full(self) -> None:
+        # Only the AIMD window counts: when the rate × latency cap binds, growing the window is pointless.
+        if self.in_flight >= int(self.window + 1e-9):
+            self._full_marks += 1
 
     # ---- feedback ---------------------------------------------------------------------------------
 
     def _observe(self, permit: Permit, headers: Mapping[str, str]) -> None:
+        now = self.clock.now()
         for dimension, name, usage in (
             (self.tokens, "tokens", permit.usage[0]),
             (self.requests, "requests", permit.usage[1]),
@@ -422,28 +465,38 @@ class RateBudget:
                 _header_number(headers, REMAINING_HEADERS[name]),
                 _header_number(headers, LIMIT_HEADERS[name]),
                 usage,
+                now,
             )
 
     def _finish(self, permit: Permit, exc: BaseException | None) -> None:
         now = self.clock.now()
         if exc is None:
-            self._succeeded(now - permit.admitted_at)
+            # The window held requests back if it filled up while this one was out, and pacing did not.
+            self._succeeded(
+                now - permit.admitted_at, permit.full_mark != self._full_marks and permit.waited == 0
+            )
         elif getattr(exc, "status_code", None) == 429:
+            if permit.entries is not None:
+                # Azure did not count the refused request: neither in what it says remains, nor here.
+                tokens, requests = permit.entries
+                permit.usage = (permit.usage[0] - tokens[1], permit.usage[1] - requests[1])
+                self.tokens.refund(tokens)
+                self.requests.refund(requests)
             headers = getattr(getattr(exc, "response", None), "headers", None)
             if isinstance(headers, Mapping):
                 self._observe(permit, headers)
             self._throttled(permit, now)
         self._release_slot()
 
-    def _succeeded(self, latency: float) -> None:
+    def _succeeded(self, latency: float, window_was_full: bool) -> None:
         self.latency = (
             latency if self.latency is None else self.latency + LATENCY_WEIGHT * (latency - self.latency)
         )
-        if self.in_flight >= int(self.window) and self.window < self.max_window:
-            # Grow only while the window is what holds requests back (else it would grow unboundedly).
-            self.window = min(
-                float(self.max_window), self.window + (1.0 if self._slow_start else 1.0 / self.window)
-            )
+        if window_was_full and self.window < self.max_window:
+            # Grow only while the window is what holds requests back (else it would grow unboundedly):
+            # by one per success in slow start, else by one per window's worth of successes.
+            step = 1.0 if self._slow_start else 1.0 / int(self.window + 1e-9)
+            self.window = min(float(self.max_window), self.window + step)
 
     def _throttled(self, permit: Permit, now: float) -> None:
         self.throttled += 1

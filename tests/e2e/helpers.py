@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,52 @@ def run_worker(
         stdin=subprocess.DEVNULL,
     )
     return Run(done.returncode, done.stdout, done.stderr)
+
+
+def start_worker(
+    stack: LocalStack, *args: str, auth: str = "managed-identity", env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    environment = {**stack.worker_env(auth), "WORKER_LOG_FORMAT": "json", **(env or {})}
+    return subprocess.Popen(
+        [WORKER, "run", *args],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 180) -> Run:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return Run(process.returncode, stdout, stderr)
+
+
+def wait_for_successes(stack: LocalStack, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while stack.openai.stats()["successes"] < count:
+        assert time.monotonic() < deadline, "the worker made no progress"
+        time.sleep(0.05)
+
+
+def run_revoking_tokens_mid_run(stack: LocalStack, *, auth: str, items: int) -> tuple[Run, str]:
+    """A run of `items` jsonl lines during which every token issued so far is revoked; returns the sink."""
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {"many.jsonl": b"\n".join(batch_line(f"m{i}", f"many {i}") for i in range(items))})
+    stack.openai.configure(latency_ms=40)
+    process = start_worker(
+        stack,
+        "--source",
+        stack.blob_url(source),
+        "--sink",
+        stack.blob_url(sink),
+        "--concurrency",
+        "8",
+        auth=auth,
+    )
+    wait_for_successes(stack, 20)
+    stack.identity.revoke_all()
+    return finish(process, timeout=120), sink
 
 
 def new_container(stack: LocalStack, prefix: str = "t") -> str:

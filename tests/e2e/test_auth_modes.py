@@ -4,13 +4,19 @@ against stand-ins that speak the real protocols. Nothing a run writes contains a
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from typing import Any
 
 import pytest
 
-from tests.e2e.helpers import WORKER, Run, answer_text, batch_line, new_container, results, run_worker, upload
+from tests.e2e.helpers import (
+    Run,
+    answer_text,
+    batch_line,
+    new_container,
+    results,
+    run_revoking_tokens_mid_run,
+    run_worker,
+    upload,
+)
 from tests.stack import LocalStack
 
 # mode → (what issued the tokens, the principal the stand-in recorded, the worker's --auth value)
@@ -91,23 +97,10 @@ def test_each_mode_runs_end_to_end_and_leaks_nothing(stack: LocalStack, mode: st
 def test_service_principal_token_revoked_mid_run_is_refreshed_with_a_claims_request(
     stack: LocalStack,
 ) -> None:
-    source, sink = new_container(stack, "src"), new_container(stack, "out")
-    upload(stack, source, {"many.jsonl": b"\n".join(batch_line(f"s{i}", f"sp {i}") for i in range(120))})
-    stack.openai.configure(latency_ms=30)
-    env = {**stack.worker_env("service-principal"), "WORKER_LOG_FORMAT": "json"}
-    args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--concurrency", "8"]
-    with subprocess.Popen(
-        [WORKER, "run", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as process:
-        deadline = time.monotonic() + 30
-        while stack.openai.stats()["successes"] < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stack.identity.revoke_all()
-        stdout, _ = process.communicate(timeout=120)
+    run, _ = run_revoking_tokens_mid_run(stack, auth="service-principal", items=120)
 
-    assert process.returncode == 0
-    summary: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    assert (summary["succeeded"], summary["token_refreshes"]) == (120, 1)
+    assert run.code == 0
+    assert (run.summary["succeeded"], run.summary["token_refreshes"]) == (120, 1)
     entra = stack.identity.stats()["entra"]
     assert (
         entra["claims_requests"] == 1

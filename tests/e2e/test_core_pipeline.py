@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from tests.e2e.helpers import answer_text, batch_line, manifest, new_container, results, run_worker, upload
+from tests.e2e.helpers import (
+    answer_text,
+    batch_line,
+    manifest,
+    new_container,
+    results,
+    run_revoking_tokens_mid_run,
+    run_worker,
+    upload,
+)
 from tests.stack import LocalStack
 
 
@@ -167,29 +176,10 @@ def test_missing_endpoint_exits_2_naming_it(stack: LocalStack, tmp_path: object)
 
 
 def test_tokens_revoked_mid_run_are_replaced_once_for_all_waiters(stack: LocalStack) -> None:
-    import subprocess
-    import time
+    run, sink = run_revoking_tokens_mid_run(stack, auth="managed-identity", items=150)
 
-    from tests.e2e.helpers import WORKER
-
-    source, sink = new_container(stack, "src"), new_container(stack, "out")
-    upload(stack, source, {"many.jsonl": b"\n".join(batch_line(f"m{i}", f"many {i}") for i in range(150))})
-    stack.openai.configure(latency_ms=40)
-    env = {**stack.worker_env("managed-identity"), "WORKER_LOG_FORMAT": "json"}
-    args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--concurrency", "8"]
-    with subprocess.Popen(
-        [WORKER, "run", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as process:
-        deadline = time.monotonic() + 30
-        while stack.openai.stats()["successes"] < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stack.identity.revoke_all()
-        stdout, _ = process.communicate(timeout=120)
-
-    assert process.returncode == 0
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["succeeded"] == 150
-    assert summary["token_refreshes"] == 1
+    assert run.code == 0
+    assert (run.summary["succeeded"], run.summary["token_refreshes"]) == (150, 1)
     assert stack.openai.stats()["by_status"].get("401", 0) >= 1
     assert len(results(stack, sink)) == 150
     assert stack.identity.stats()["tokens_issued"] <= 4

@@ -5,37 +5,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from typing import Any
 
-from tests.e2e.helpers import WORKER, Run, answer_text, batch_line, new_container, results, run_worker, upload
+from tests.e2e.helpers import (
+    answer_text,
+    batch_line,
+    finish,
+    new_container,
+    results,
+    run_worker,
+    start_worker,
+    upload,
+    wait_for_successes,
+)
 from tests.stack import LocalStack
-
-
-def start_worker(stack: LocalStack, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    environment = {**stack.worker_env(), "WORKER_LOG_FORMAT": "json", **(env or {})}
-    return subprocess.Popen(
-        [WORKER, "run", *args],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen[str], timeout: float = 180) -> Run:
-    stdout, stderr = process.communicate(timeout=timeout)
-    return Run(process.returncode, stdout, stderr)
-
-
-def wait_for_successes(stack: LocalStack, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while stack.openai.stats()["successes"] < count:
-        assert time.monotonic() < deadline, "the worker made no progress"
-        time.sleep(0.05)
 
 
 def batch_files(files: int, lines: int, tag: str) -> tuple[dict[str, bytes], set[str]]:

@@ -80,5 +80,17 @@ class Sink(Protocol):
         ...
 
 
+async def split_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Lines (without their `\\n` or `\\r\\n`) from a stream of chunks cut anywhere."""
+    tail = b""
+    async for chunk in chunks:
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if tail:
+        yield tail.rstrip(b"\r")
+
+
 MANIFEST_FOLDER = "_runs"
 STATE_FOLDER = "_state"

@@ -26,7 +26,7 @@ from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
 from worker.errors import AccessDenied, ConfigError, LeaseLost
 from worker.formats import RESULT_SUFFIX, ResultScanner
-from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
+from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
 
 log = structlog.get_logger("worker.storage")
 
@@ -109,14 +109,8 @@ class BlobSource:
     async def read_lines(self, path: str) -> AsyncIterator[bytes]:
         with storage_errors("read", f"{self._where}{path}"):
             downloader = await self._container.download_blob(self._prefix + path)
-            tail = b""
-            async for chunk in downloader.chunks():
-                lines = (tail + chunk).split(b"\n")
-                tail = lines.pop()
-                for line in lines:
-                    yield line.rstrip(b"\r")
-            if tail:
-                yield tail.rstrip(b"\r")
+            async for line in split_lines(downloader.chunks()):
+                yield line
 
 
 class BlobUnit:

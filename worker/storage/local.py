@@ -8,12 +8,13 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 
 from worker.errors import ConfigError
 from worker.formats import ResultScanner
-from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile
+from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
 
 READ_CHUNK = 1024 * 1024
 
@@ -51,15 +52,14 @@ class LocalSource:
             return await file.read()
 
     async def read_lines(self, path: str) -> AsyncIterator[bytes]:
-        tail = b""
         async with aiofiles.open(self.root / path, "rb") as file:
-            while chunk := await file.read(READ_CHUNK):
-                lines = (tail + chunk).split(b"\n")
-                tail = lines.pop()
-                for line in lines:
-                    yield line.rstrip(b"\r")
-        if tail:
-            yield tail.rstrip(b"\r")
+            async for line in split_lines(_chunks(file)):
+                yield line
+
+
+async def _chunks(file: Any) -> AsyncIterator[bytes]:
+    while chunk := await file.read(READ_CHUNK):
+        yield chunk
 
 
 class LocalUnit:
