@@ -32,6 +32,7 @@ from worker.services import Clients, open_clients
 from worker.settings import Settings
 from worker.storage import Sink
 from worker.storage.urls import BlobLocation, LocalLocation, Location, parse_location
+from worker.telemetry import FLUSH_SECONDS, open_telemetry
 
 log = structlog.get_logger("worker")
 
@@ -154,6 +155,8 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
 async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = lambda _n: None) -> RunResult:
     """Run one job to an exit code. Never raises for configuration problems: they become exit 2."""
     result = RunResult(run_id=new_run_id(settings), exit_code=EXIT_DONE, stats=RunStats())
+    telemetry = open_telemetry(run_id=result.run_id)
+    telemetry.attach(result.stats)
     with Stopper(settings.drain_seconds) as stopper:
         try:
             settings.require("source", "sink", "endpoint")
@@ -190,6 +193,10 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
             result.exit_code = EXIT_WORK_REMAINS
             result.error = f"{type(exc).__name__}: {first_line(str(exc))}"
             log.error("run.failed", error=result.error)
+        result.ended = time.time()
+        telemetry.record_run(result.stats, result.ended - result.started, exit_code=result.exit_code)
+        flush_seconds = TELEMETRY_FLUSH_AFTER_SIGNAL_SECONDS if stopper.requested else FLUSH_SECONDS
+        await asyncio.to_thread(telemetry.close, flush_seconds)
     if result.error and result.exit_code == EXIT_CONFIG:
         log.error("run.config_error", error=result.error)
     result.ended = time.time()
@@ -232,6 +239,7 @@ def _pipeline(
 
 
 HARD_STOP_GRACE_SECONDS = 4.0
+TELEMETRY_FLUSH_AFTER_SIGNAL_SECONDS = 2.0  # after SIGTERM most of the platform's 30 s are spent
 
 
 class Stopper:
