@@ -9,11 +9,12 @@ What the budget does, per deployment and per dimension (tokens, requests):
 
 - **Limit.** `--tpm/--rpm` when configured; else *learned* from the response headers: what the server
   has left plus what this process itself sent in the window it counted (`remaining + own usage`) is the
-  window capacity available to us (a smoothed estimate; it shrinks when another replica shares the
-  quota). An `x-ratelimit-limit-*` header, when present, is taken as the per-minute limit.
+  window capacity available to us: the median of the last few samples, lowered at once, raised over
+  `LEARN_SECONDS` (it shrinks when another replica shares the quota). An `x-ratelimit-limit-*` header,
+  when present, is taken as the per-minute limit.
 - **Pacing.** Requests are spaced at the limit's rate (≤ 1 s of burst) and a log of what was sent
   mirrors Azure's sliding window, kept `GUARD_SECONDS` longer than Azure's so that network-delay jitter
-  cannot push a request into a full window: ~98 % of the quota, without 429s.
+  cannot push a request into a full window: ~99 % of the quota, without 429s.
 - **AIMD.** A 429 is a signal the limit is lower than assumed (unknown, misconfigured, shared): the rate
   is cut to `DECREASE_FACTOR` × what was actually sent and regained linearly, per second by
   `INCREASE_PER_SECOND` of the known limit (≈33 s from nothing back to it), or of the cut rate when no limit
@@ -42,7 +43,8 @@ from typing import Any, Protocol
 DEFAULT_MAX_TOKENS = 16
 WINDOW_FRACTION = 6  # Azure admits a sixth of the per-minute quota per 10 s window
 WINDOW_SECONDS = 10.0
-GUARD_SECONDS = 0.2  # the client-side window is this much longer than Azure's: 2 % of the quota
+GUARD_SECONDS = 0.1  # the client-side window is this much longer than Azure's (1 % of the quota): it absorbs
+# a difference in client-to-server delay of up to 100 ms between two requests 10 s apart
 BURST_SECONDS = 1.0  # pacing lets through at most this much of the rate at once
 DECREASE_FACTOR = 0.7  # a 429 cuts the rate to this fraction of what was being sent
 INCREASE_PER_SECOND = 0.03  # then it grows per second by this fraction of the known limit (else the cut rate)
@@ -383,8 +385,9 @@ class RateBudget:
         while True:
             now = clock.now()
             if self._paused_until > now:
-                await clock.sleep(self._paused_until - now)
-                waited += self._paused_until - now
+                delay = self._paused_until - now
+                await clock.sleep(delay)
+                waited += delay
                 continue
             pauses = self._pauses
             start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
@@ -393,7 +396,12 @@ class RateBudget:
                 permit.entries = entries
                 permit.usage = (self.tokens.recent_total, self.requests.recent_total)
             if start > now:
-                await clock.sleep(start - now)
+                try:
+                    await clock.sleep(start - now)
+                except BaseException:  # cancelled (e.g. SIGTERM): the request will not be sent
+                    self.tokens.refund(entries[0])
+                    self.requests.refund(entries[1])
+                    raise
                 waited += start - now
             # A pause announced while this request slept still applies: wait it out, then queue again.
             if self._pauses == pauses or self._paused_until <= clock.now():
