@@ -1,0 +1,107 @@
+"""SharedTokens: one fetch for many callers, one refresh for many rejections, claims past the cache."""
+
+import asyncio
+import time
+
+import pytest
+from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
+from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+
+from worker.errors import ConfigError
+from worker.identity import SharedTokens
+
+
+class CountingCredential:
+    """A credential that issues token-1, token-2, ... and remembers what it was asked."""
+
+    def __init__(self, *, lifetime: float = 3600, refuse_claims: bool = False, unreachable: int = 0) -> None:
+        self.requests: list[dict[str, object]] = []
+        self.lifetime = lifetime
+        self.refuse_claims = refuse_claims
+        self.unreachable = unreachable
+
+    async def get_token_info(
+        self, *scopes: str, options: TokenRequestOptions | None = None
+    ) -> AccessTokenInfo:
+        await asyncio.sleep(0.01)
+        if self.unreachable:
+            self.unreachable -= 1
+            raise ServiceRequestError("connection refused")
+        if options and options.get("claims") and self.refuse_claims:
+            raise ClientAuthenticationError("claims are not supported")
+        self.requests.append({"scope": scopes[0], **(options or {})})
+        return AccessTokenInfo(f"token-{len(self.requests)}", int(time.time() + self.lifetime))
+
+    async def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        info = await self.get_token_info(*scopes)
+        return AccessToken(info.token, info.expires_on)
+
+    async def close(self) -> None: ...
+
+
+async def test_a_hundred_concurrent_callers_share_one_fetch() -> None:
+    credential = CountingCredential()
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    got = await asyncio.gather(*(tokens.token("scope-a") for _ in range(100)))
+    assert {t.token for t in got} == {"token-1"}
+    assert len(credential.requests) == 1
+    await tokens.token("scope-b")
+    assert len(credential.requests) == 2  # one per scope
+
+
+async def test_a_token_near_expiry_is_replaced() -> None:
+    credential = CountingCredential(lifetime=120)  # inside the 5-minute refresh margin
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    await tokens.token("s")
+    await tokens.token("s")
+    assert len(credential.requests) == 2
+
+
+async def test_many_rejections_of_one_token_cause_one_refresh_with_claims() -> None:
+    credential = CountingCredential()
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    rejected = (await tokens.token("s")).token
+    renewed = await asyncio.gather(*(tokens.refresh("s", rejected) for _ in range(50)))
+    assert all(renewed)
+    assert len(credential.requests) == 2
+    assert "claims" in credential.requests[1]
+    assert (await tokens.token("s")).token == "token-2"
+    assert tokens.refreshes == 1
+
+
+async def test_a_credential_that_refuses_claims_is_asked_again_without_them() -> None:
+    credential = CountingCredential(refuse_claims=True)
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    rejected = (await tokens.token("s")).token
+    assert await tokens.refresh("s", rejected)
+    assert "claims" not in credential.requests[1]
+
+
+async def test_an_unreachable_token_endpoint_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.identity.TOKEN_ENDPOINT_RETRY_WAITS", (0.01, 0.01))
+    credential = CountingCredential(unreachable=2)
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    assert (await tokens.token("s")).token == "token-1"
+
+
+async def test_an_authentication_failure_is_a_config_error_naming_the_scope() -> None:
+    class Refusing(CountingCredential):
+        async def get_token_info(
+            self, *scopes: str, options: TokenRequestOptions | None = None
+        ) -> AccessTokenInfo:
+            raise ClientAuthenticationError("AADSTS7000215: Invalid client secret provided.\nTrace ID: x")
+
+    tokens = SharedTokens(Refusing())  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigError, match=r"could not get a token for s: AADSTS7000215: Invalid client secret provided\.$"
+    ):
+        await tokens.token("s")
+
+
+async def test_a_challenge_with_claims_goes_to_the_credential_and_replaces_the_cache() -> None:
+    credential = CountingCredential()
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    await tokens.get_token_info("s")
+    challenged = await tokens.get_token_info("s", options={"claims": '{"access_token":{}}'})
+    assert challenged.token == "token-2"
+    assert (await tokens.get_token("s")).token == "token-2"
