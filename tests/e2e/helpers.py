@@ -72,10 +72,11 @@ def finish(process: subprocess.Popen[str], timeout: float = 180) -> Run:
     return Run(process.returncode, stdout, stderr)
 
 
-def wait_for_successes(stack: LocalStack, count: int, timeout: float = 60) -> None:
+def wait_for(stack: LocalStack, stat: str, at_least: int, timeout: float = 60) -> None:
+    """Poll the fake Azure OpenAI until its `stat` counter (successes, in_flight, ...) reaches `at_least`."""
     deadline = time.monotonic() + timeout
-    while stack.openai.stats()["successes"] < count:
-        assert time.monotonic() < deadline, "the worker made no progress"
+    while stack.openai.stats()[stat] < at_least:
+        assert time.monotonic() < deadline, f"the fake's {stat} stayed below {at_least}"
         time.sleep(0.05)
 
 
@@ -94,7 +95,7 @@ def run_revoking_tokens_mid_run(stack: LocalStack, *, auth: str, items: int) -> 
         "8",
         auth=auth,
     )
-    wait_for_successes(stack, 20)
+    wait_for(stack, "successes", 20)
     stack.identity.revoke_all()
     return finish(process, timeout=120), sink
 

@@ -18,7 +18,7 @@ from tests.e2e.helpers import (
     run_worker,
     start_worker,
     upload,
-    wait_for_successes,
+    wait_for,
 )
 from tests.stack import LocalStack
 
@@ -53,7 +53,7 @@ def test_kill_9_mid_run_then_rerun_records_everything_once(stack: LocalStack) ->
     args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--concurrency", "16"]
 
     process = start_worker(stack, *args, "--lease-seconds", "15")
-    wait_for_successes(stack, 150)
+    wait_for(stack, "successes", 150)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
     assert process.returncode == -signal.SIGKILL
@@ -94,10 +94,7 @@ def test_sigterm_lets_slow_calls_finish_exits_1_and_the_rerun_completes(stack: L
     args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--concurrency", "8"]
 
     process = start_worker(stack, *args)
-    deadline = time.monotonic() + 30
-    while stack.openai.stats()["in_flight"] < 8:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(stack, "in_flight", 8, timeout=30)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     run = finish(process, timeout=60)
@@ -123,10 +120,7 @@ def test_sigterm_with_hung_calls_abandons_them_after_the_drain(stack: LocalStack
     args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--drain-seconds", "2"]
 
     process = start_worker(stack, *args)
-    deadline = time.monotonic() + 30
-    while stack.openai.stats()["in_flight"] < 6:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(stack, "in_flight", 6, timeout=30)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     run = finish(process, timeout=60)
@@ -278,7 +272,7 @@ def test_azurite_restart_mid_run_loses_nothing(stack: LocalStack) -> None:
     ]
 
     process = start_worker(stack, *args)
-    wait_for_successes(stack, 80)
+    wait_for(stack, "successes", 80)
     stack.restart_azurite()
     run = finish(process)
 
