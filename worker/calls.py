@@ -33,7 +33,7 @@ from worker.errors import AccessDenied, ConfigError
 from worker.formats import Request
 from worker.identity import OPENAI_SCOPE, SharedTokens, describe_principal
 from worker.metrics import RunStats
-from worker.ratelimit import Budgets, estimate_tokens
+from worker.ratelimit import Budgets, Permit, estimate_tokens
 
 log = structlog.get_logger("worker.calls")
 
@@ -235,8 +235,9 @@ class Caller:
                 with attempt:
                     attempts += 1
                     try:
-                        self._stats.throttle_wait_seconds += await budget.acquire(cost)
-                        return await self._attempt(request.url, body)
+                        async with budget.admit(cost) as permit:
+                            self._stats.throttle_wait_seconds += permit.waited
+                            return await self._attempt(request.url, body, permit)
                     except openai.AuthenticationError as exc:
                         reauths += 1
                         await self._after_401(exc, reauths)
@@ -250,13 +251,14 @@ class Caller:
             )
         raise AssertionError("unreachable")
 
-    async def _attempt(self, url: str, body: dict[str, Any]) -> Outcome:
+    async def _attempt(self, url: str, body: dict[str, Any], permit: Permit) -> Outcome:
         self._stats.requests += 1
         started = time.perf_counter()
         response = await self._client.post(
             url, cast_to=httpx2.Response, body=body, options={"timeout": self._timeout}
         )
         self._stats.latency.add(time.perf_counter() - started)
+        permit.observe(response.headers)
         payload = json.loads(response.content)
         usage = payload.get("usage") if isinstance(payload, dict) else None
         if isinstance(usage, dict):

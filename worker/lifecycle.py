@@ -215,7 +215,7 @@ def _pipeline(
     caller = Caller(
         clients.openai,
         tokens=clients.tokens if clients.uses_entra_for_openai else None,
-        budgets=Budgets(tpm=settings.tpm, rpm=settings.rpm),
+        budgets=Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency),
         stats=stats,
         default_deployment=settings.deployment,
         max_attempts=settings.max_attempts,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import statistics
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -229,7 +228,8 @@ class Dimension:
         if remaining is None or self._learned_from_limit_header:
             return
         self._samples.append((remaining + usage) * WINDOW_FRACTION)
-        estimate = statistics.median(self._samples)  # robust to a sample off by a request in flight
+        ordered = sorted(self._samples)
+        estimate = ordered[len(ordered) // 2]  # the median: robust to a sample off by a request in flight
         if self.learned is None or estimate <= self.learned:
             self.learned = estimate
         else:
@@ -333,6 +333,7 @@ class RateBudget:
         self._last_cut = -math.inf
         self._full_marks = 0  # counts the moments the window filled up; a permit that saw one may grow it
         self.latency: float | None = None
+        self._needed = math.inf  # see _update_needed
         self._mean_cost: float | None = None
         self.throttled = 0
 
@@ -355,12 +356,15 @@ class RateBudget:
 
     def window_limit(self) -> int:
         """Requests allowed in flight now: the AIMD window, capped by what the paced rate needs."""
-        window = self.window
+        return max(1, int(min(self.window, self._needed) + 1e-9))
+
+    def _update_needed(self) -> None:
+        """Little's law: the paced request rate × latency, with headroom (recomputed on each answer)."""
+        self._needed = math.inf
         if self.latency is not None:
             rate = self._requests_per_second(self.clock.now())
             if rate is not None:
-                window = min(window, max(MIN_WINDOW, LATENCY_HEADROOM * rate * self.latency + 1.0))
-        return max(1, int(window + 1e-9))
+                self._needed = max(MIN_WINDOW, LATENCY_HEADROOM * rate * self.latency + 1.0)
 
     def snapshot(self) -> dict[str, Any]:
         """What the budget knows now, for the manifest and the logs."""
@@ -494,6 +498,7 @@ class RateBudget:
             if isinstance(headers, Mapping):
                 self._observe(permit, headers)
             self._throttled(permit, now)
+        self._update_needed()
         self._release_slot()
 
     def _succeeded(self, latency: float, window_was_full: bool) -> None:
