@@ -32,7 +32,4 @@ def test_bench_smoke_run_prints_every_figure_as_its_last_line() -> None:
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(figures) >= FIGURES
     assert all(isinstance(figures[name], float | int) and figures[name] >= 0 for name in FIGURES)
-    assert (
-        figures["naive_throttled_ratio"] > figures["throttled_ratio"]
-    )  # the baseline hits the limit, the worker paces
     assert "overhead_ratio (≥ 0.85)" in done.stdout  # the table is printed too
