@@ -98,14 +98,14 @@ OPTIONS: tuple[Option, ...] = (
         flag="--tpm",
         env=("WORKER_TPM",),
         job_key="limits.tpm",
-        help="The deployment's tokens-per-minute quota, paced client-side; unset = no client-side pacing (429s are still honoured).",
+        help="The deployment's tokens-per-minute quota, paced client-side; unset = learned from x-ratelimit-remaining-* headers, with AIMD on 429s.",
     ),
     Option(
         name="rpm",
         flag="--rpm",
         env=("WORKER_RPM",),
         job_key="limits.rpm",
-        help="The deployment's requests-per-minute quota, paced client-side; unset = no client-side pacing.",
+        help="The deployment's requests-per-minute quota, paced client-side; unset = learned from the headers.",
     ),
     Option(
         name="drain_seconds",
