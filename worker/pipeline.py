@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import structlog
@@ -369,6 +370,15 @@ class Pipeline:
                 number += 1
                 parsed = parser.parse_line(number, raw)
                 if parsed is not None:
+                    yield parsed
+            if parser.has_suspects:  # a repeated id fingerprint: confirm against the file before judging
+                number = 0
+                async with aclosing(self._source.read_lines(file.path)) as lines:
+                    async for raw in lines:
+                        number += 1
+                        if not parser.recheck_line(number, raw):
+                            break
+                for parsed in parser.resolve_suspects():
                     yield parsed
             if parser.items == 0:
                 yield Rejected(file.path, "empty_input", f"{file.path} holds no request lines")

@@ -79,19 +79,33 @@ def test_bad_json_bodies(data: bytes, code: str) -> None:
     assert parsed.code == code
 
 
+def parse_file(parser: BatchFileParser, lines: list[bytes]) -> list[object]:
+    """What the pipeline does: one pass, then (only when ids repeat) a recheck pass and the held lines."""
+    outcomes: list[object] = [parser.parse_line(number, raw) for number, raw in enumerate(lines, 1)]
+    if parser.has_suspects:
+        for number, raw in enumerate(lines, 1):
+            if not parser.recheck_line(number, raw):
+                break
+        outcomes.extend(parser.resolve_suspects())
+    return outcomes
+
+
+BATCH_LINES = [
+    line(custom_id="a", method="POST", url="/v1/chat/completions", body=chat("hi")),
+    b"   ",
+    b"{not json",
+    line(method="POST", url="/chat/completions", body=chat("x")),
+    line(custom_id="a", method="POST", url="/chat/completions", body=chat("again")),
+    line(custom_id="b", method="GET", url="/chat/completions", body=chat("x")),
+    line(custom_id="c", method="POST", url="/v1/responses", body=chat("x")),
+    line(custom_id="d", method="POST", url="/embeddings", body={"input": "text"}),
+    b"\xff\xfe",
+]
+
+
 def test_batch_lines_good_bad_and_duplicate() -> None:
     parser = BatchFileParser("in/batch.jsonl", parameters={"max_tokens": 7})
-    outcomes = [
-        parser.parse_line(1, line(custom_id="a", method="POST", url="/v1/chat/completions", body=chat("hi"))),
-        parser.parse_line(2, b"   "),
-        parser.parse_line(3, b"{not json"),
-        parser.parse_line(4, line(method="POST", url="/chat/completions", body=chat("x"))),
-        parser.parse_line(5, line(custom_id="a", method="POST", url="/chat/completions", body=chat("again"))),
-        parser.parse_line(6, line(custom_id="b", method="GET", url="/chat/completions", body=chat("x"))),
-        parser.parse_line(7, line(custom_id="c", method="POST", url="/v1/responses", body=chat("x"))),
-        parser.parse_line(8, line(custom_id="d", method="POST", url="/embeddings", body={"input": "text"})),
-        parser.parse_line(9, b"\xff\xfe"),
-    ]
+    outcomes = parse_file(parser, BATCH_LINES)
     first = outcomes[0]
     assert isinstance(first, Request)
     assert (first.url, first.body["max_tokens"], first.line) == ("/chat/completions", 7, 1)
@@ -99,7 +113,7 @@ def test_batch_lines_good_bad_and_duplicate() -> None:
     assert outcomes[2] == Rejected("in/batch.jsonl:3", "invalid_json", outcomes[2].message, 3)  # type: ignore[union-attr]
     assert isinstance(outcomes[3], Rejected)
     assert (outcomes[3].custom_id, outcomes[3].code) == ("in/batch.jsonl:4", "missing_custom_id")
-    assert outcomes[4] == Duplicate("a", 5)
+    assert outcomes[4] is None  # held back: its id was seen; judged after the recheck pass
     assert [o.code for o in outcomes[5:7]] == ["unsupported_method", "unsupported_url"]  # type: ignore[union-attr]
     embeddings = outcomes[7]
     assert isinstance(embeddings, Request)
@@ -107,7 +121,39 @@ def test_batch_lines_good_bad_and_duplicate() -> None:
     assert "max_tokens" not in embeddings.body
     assert isinstance(outcomes[8], Rejected)
     assert outcomes[8].code == "invalid_encoding"
+    assert outcomes[9:] == [Duplicate("a", 5)]
     assert parser.items == 7  # nine lines; the blank one and the duplicate are not items
+
+
+class EverythingLooksSeen:
+    """A seen-id table where every fingerprint collides: each line after the first is a suspect."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def add(self, item: str) -> bool:
+        first, self.first = self.first, False
+        return first
+
+
+def test_fingerprint_collisions_are_confirmed_against_the_file_never_guessed() -> None:
+    ids = ["a", "b", "a", "c", "b", "a", "d"]
+    lines = [line(custom_id=i, url="/chat/completions", body=chat(f"line {n}")) for n, i in enumerate(ids, 1)]
+    parser = BatchFileParser("f.jsonl", parameters={}, seen=EverythingLooksSeen())
+    outcomes = [o for o in parse_file(parser, lines) if o is not None]
+    requests = [(o.custom_id, o.line) for o in outcomes if isinstance(o, Request)]
+    duplicates = [(o.custom_id, o.line) for o in outcomes if isinstance(o, Duplicate)]
+    assert sorted(requests) == [("a", 1), ("b", 2), ("c", 4), ("d", 7)]  # the first occurrence wins
+    assert sorted(duplicates) == [("a", 3), ("a", 6), ("b", 5)]
+    assert parser.items == 4
+    assert not parser.has_suspects
+
+
+def test_a_file_without_repeats_needs_no_second_pass() -> None:
+    parser = BatchFileParser("f.jsonl", parameters={})
+    lines = [line(custom_id=f"item-{n}", url="/chat/completions", body=chat("x")) for n in range(20_000)]
+    assert all(isinstance(parser.parse_line(n, raw), Request) for n, raw in enumerate(lines, 1))
+    assert not parser.has_suspects
 
 
 def test_result_line_has_the_batch_output_shape() -> None:
@@ -125,7 +171,7 @@ def test_custom_ids_in_ignores_a_torn_last_line() -> None:
         + b'{"id":"x","custom_id":"c"'
     )
     ids, complete = formats.custom_ids_in(data)
-    assert ids == {"a", "b"}
+    assert ("a" in ids, "b" in ids, "c" in ids, len(ids)) == (True, True, False, 2)
     assert data[:complete].endswith(b"\n")
     assert complete == len(data) - len(b'{"id":"x","custom_id":"c"')
 
@@ -135,5 +181,7 @@ def test_result_scanner_joins_lines_split_across_chunks() -> None:
     scanner = formats.ResultScanner()
     for start in range(0, len(data), 7):
         scanner.feed(data[start : start + 7])
-    assert scanner.ids == {f"id-{i}" for i in range(50)}
+    assert len(scanner.ids) == 50
+    assert all(f"id-{i}" in scanner.ids for i in range(50))
+    assert "torn" not in scanner.ids
     assert scanner.complete == len(data) - len(b'{"custom_id": "torn')

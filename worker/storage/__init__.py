@@ -9,7 +9,7 @@ it without reading it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Container
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +33,7 @@ class Source(Protocol):
         """The whole content of a (small) file."""
         ...
 
-    def read_lines(self, path: str) -> AsyncIterator[bytes]:
+    def read_lines(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's lines without their line endings, streamed in chunks (flat memory for large files)."""
         ...
 
@@ -41,7 +41,7 @@ class Source(Protocol):
 class ClaimedUnit(Protocol):
     """A work unit this process holds: the only writer of its result file until released."""
 
-    done_ids: set[str]
+    done_ids: Container[str]
     max_appends: int | None
     """Appends one result file takes (an append blob: 50,000 blocks); None = no limit."""
     appends_used: int

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Container, Iterator
 from typing import Any, NoReturn
 
 import structlog
@@ -106,7 +106,7 @@ class BlobSource:
             downloader = await self._container.download_blob(self._prefix + path)
             return await downloader.readall()
 
-    async def read_lines(self, path: str) -> AsyncIterator[bytes]:
+    async def read_lines(self, path: str) -> AsyncGenerator[bytes, None]:
         with storage_errors("read", f"{self._where}{path}"):
             downloader = await self._container.download_blob(self._prefix + path)
             async for line in split_lines(downloader.chunks()):
@@ -121,7 +121,7 @@ class BlobUnit:
         blob: BlobClient,
         lease: BlobLeaseClient,
         length: int,
-        done_ids: set[str],
+        done_ids: Container[str],
         *,
         renew_every: float,
         appends_used: int,

@@ -6,7 +6,7 @@ import asyncio
 import fcntl
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Container
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class LocalSource:
         async with aiofiles.open(self.root / path, "rb") as file:
             return await file.read()
 
-    async def read_lines(self, path: str) -> AsyncIterator[bytes]:
+    async def read_lines(self, path: str) -> AsyncGenerator[bytes, None]:
         async with aiofiles.open(self.root / path, "rb") as file:
             async for line in split_lines(_chunks(file)):
                 yield line
@@ -65,7 +65,7 @@ async def _chunks(file: Any) -> AsyncIterator[bytes]:
 class LocalUnit:
     """A result file held under an exclusive, non-blocking flock on its lock file."""
 
-    def __init__(self, result: Path, marker: Path, lock_fd: int, done_ids: set[str]) -> None:
+    def __init__(self, result: Path, marker: Path, lock_fd: int, done_ids: Container[str]) -> None:
         self._result = result
         self._marker = marker
         self._lock_fd: int | None = lock_fd

@@ -1,0 +1,38 @@
+import pytest
+
+from worker.idset import SHARDS, FingerprintSet
+
+
+@pytest.mark.parametrize("bits", [64, 128])
+def test_remembers_every_id_and_reports_repeats(bits: int) -> None:
+    ids = FingerprintSet(bits=bits)
+    count = 50 * SHARDS  # every shard grows several times
+    assert all(ids.add(f"item-{n:07d}") for n in range(count))
+    assert len(ids) == count
+    assert all(f"item-{n:07d}" in ids for n in range(count))
+    assert not any(ids.add(f"item-{n:07d}") for n in range(0, count, 7))
+    assert len(ids) == count
+    assert sum(f"other-{n}" in ids for n in range(count)) == 0
+
+
+def test_odd_strings_and_non_strings() -> None:
+    ids = FingerprintSet()
+    for item in ["", " ", "é", "\ud800", "a" * 10_000]:
+        assert ids.add(item)
+        assert item in ids
+    assert 1 not in ids
+    assert None not in ids
+    ids.update(["x", "y", "x"])
+    assert len(ids) == 7
+
+
+def test_memory_is_a_few_words_an_id() -> None:
+    ids = FingerprintSet(bits=64)
+    ids.update(f"custom-id-{n}" for n in range(100_000))
+    table_bytes = sum(shard.buffer_info()[1] * shard.itemsize for shard in ids._shards)
+    assert table_bytes <= 100_000 * 8 * 8 / 3  # at least 3/8 full
+
+
+def test_only_64_or_128_bits() -> None:
+    with pytest.raises(ValueError, match="64 or 128"):
+        FingerprintSet(bits=32)
