@@ -1,6 +1,6 @@
 import pytest
 
-from worker.idset import SHARDS, FingerprintSet
+from worker.idset import SHARDS, FingerprintCounts, FingerprintSet
 
 
 @pytest.mark.parametrize("bits", [64, 128])
@@ -36,3 +36,17 @@ def test_memory_is_a_few_words_an_id() -> None:
 def test_only_64_or_128_bits() -> None:
     with pytest.raises(ValueError, match="64 or 128"):
         FingerprintSet(bits=32)
+
+
+def test_counts_keep_their_values_through_growth_and_overwrite() -> None:
+    counts = FingerprintCounts()
+    total = 30 * SHARDS
+    for n in range(total):
+        counts[f"dir/file-{n}.txt.results.jsonl"] = n * 3
+    counts["dir/file-5.txt.results.jsonl"] = 99
+    assert len(counts) == total
+    assert counts.get("dir/file-5.txt.results.jsonl") == 99
+    assert all(counts.get(f"dir/file-{n}.txt.results.jsonl") == n * 3 for n in range(total) if n != 5)
+    assert counts.get("dir/file-0.txt") is None
+    with pytest.raises(ValueError, match="non-negative"):
+        counts["x"] = -1

@@ -13,6 +13,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Container
 from dataclasses import dataclass
 from typing import Protocol
 
+from worker.idset import FingerprintCounts
+
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
@@ -67,7 +69,7 @@ class Sink(Protocol):
         """Create the folder/container when missing and prove that writing works (ConfigError if not)."""
         ...
 
-    async def finished_units(self) -> dict[str, int]:
+    async def finished_units(self) -> FingerprintCounts:
         """Result paths of units marked complete → their item counts."""
         ...
 

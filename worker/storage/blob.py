@@ -26,6 +26,7 @@ from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
 from worker.errors import AccessDenied, ConfigError, LeaseLost
 from worker.formats import RESULT_SUFFIX, ResultScanner
+from worker.idset import FingerprintCounts
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
 
 log = structlog.get_logger("worker.storage")
@@ -233,8 +234,8 @@ class BlobSink:
             await probe.upload_blob(b"probe", overwrite=True)
             await probe.delete_blob()
 
-    async def finished_units(self) -> dict[str, int]:
-        found: dict[str, int] = {}
+    async def finished_units(self) -> FingerprintCounts:
+        found = FingerprintCounts()
         with storage_errors("list", self._where):
             async for blob in self._container.list_blobs(
                 name_starts_with=self._prefix or None, include=["metadata"]

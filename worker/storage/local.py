@@ -14,6 +14,7 @@ import aiofiles
 
 from worker.errors import ConfigError
 from worker.formats import ResultScanner
+from worker.idset import FingerprintCounts
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
 
 READ_CHUNK = 1024 * 1024
@@ -107,13 +108,13 @@ class LocalSink:
                 f"sink {self.root} is not writable ({exc.strerror}): fix its permissions"
             ) from None
 
-    async def finished_units(self) -> dict[str, int]:
+    async def finished_units(self) -> FingerprintCounts:
         state = self.root / STATE_FOLDER
         if not state.is_dir():
-            return {}
+            return FingerprintCounts()
 
-        def scan() -> dict[str, int]:
-            found: dict[str, int] = {}
+        def scan() -> FingerprintCounts:
+            found = FingerprintCounts()
             for marker in state.rglob("*.done"):
                 try:
                     items = int(json.loads(marker.read_text(encoding="utf-8"))["items"])
