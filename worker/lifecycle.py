@@ -46,6 +46,7 @@ class RunResult:
     stats: RunStats
     error: str | None = None
     manifest: str | None = None
+    rate_limits: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ended: float = 0.0
 
@@ -146,6 +147,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
             "p99": stats.latency.percentile(0.99),
         },
         "errors_by_code": dict(stats.errors_by_code),
+        "rate_limits": result.rate_limits,
         "input_problems": stats.problems,
         "input_problems_not_listed": stats.problems_dropped,
     }
@@ -165,7 +167,10 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
             async with open_clients(settings) as clients:
                 sink = clients.sink(sink_at)
                 await sink.prepare()
-                pipeline = _pipeline(settings, clients, sink, result.stats, source_at, sink_at, on_progress)
+                budgets = Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency)
+                pipeline = _pipeline(
+                    settings, clients, sink, budgets, result.stats, source_at, sink_at, on_progress
+                )
                 log.info(
                     "run.started",
                     run_id=result.run_id,
@@ -182,6 +187,9 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
                     pipeline.work_remains or result.stats.interrupted or stopper.requested
                 ):
                     result.exit_code = EXIT_WORK_REMAINS
+                result.rate_limits = budgets.snapshot()
+                if result.rate_limits:
+                    log.info("run.rate_limits", deployments=result.rate_limits)
                 result.ended = time.time()
                 try:
                     result.manifest = await sink.write_manifest(result.run_id, manifest(result, settings))
@@ -207,6 +215,7 @@ def _pipeline(
     settings: Settings,
     clients: Clients,
     sink: Sink,
+    budgets: Budgets,
     stats: RunStats,
     source_at: Location,
     sink_at: Location,
@@ -215,7 +224,7 @@ def _pipeline(
     caller = Caller(
         clients.openai,
         tokens=clients.tokens if clients.uses_entra_for_openai else None,
-        budgets=Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency),
+        budgets=budgets,
         stats=stats,
         default_deployment=settings.deployment,
         max_attempts=settings.max_attempts,

@@ -112,12 +112,17 @@ def test_429_with_retry_after_ms_is_waited_out(stack: LocalStack) -> None:
     upload(stack, source, {"one.txt": b"throttle me"})
     stack.openai.configure(force_429=2, force_429_retry_after_ms=700)
 
-    run = run_worker(stack, "--source", stack.blob_url(source), "--sink", stack.blob_url(sink))
+    run = run_worker(
+        stack, "--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--run-id", "throttled"
+    )
 
     assert run.code == 0
     (record,) = results(stack, sink)
     assert record["error"] is None
     assert answer_text(record) == "ECHO: throttle me"
+    (limits,) = manifest(stack, sink, "", "throttled")["rate_limits"].values()  # one deployment
+    assert limits["throttled"] == 2
+    assert set(limits["tpm"]) == {"configured", "learned", "pacing", "backed_off"}
     stats = stack.openai.stats()
     assert stats["by_status"] == {"429": 2, "200": 1}
     assert run.summary["throttled"] == 2
