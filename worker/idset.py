@@ -40,7 +40,7 @@ class _FingerprintTable:
         self._key_words = bits // 64
         self._stride = self._key_words + (1 if with_values else 0)
         self._key = os.urandom(16)
-        self._shards = [array("Q", bytes(8 * self._stride * _INITIAL_SLOTS)) for _ in range(SHARDS)]
+        self._shards: list[array[int] | None] = [None] * SHARDS  # created on first use: small sets stay small
         self._counts = [0] * SHARDS
         self._len = 0
 
@@ -72,6 +72,8 @@ class _FingerprintTable:
         """Store the item's fingerprint (and value); True when the fingerprint was not there before."""
         shard, high, low = self._fingerprint(item)
         table = self._shards[shard]
+        if table is None:
+            table = self._shards[shard] = array("Q", bytes(8 * self._stride * _INITIAL_SLOTS))
         found, index = self._find(table, high, low)
         if self._stride > self._key_words:
             table[index + self._key_words] = value
@@ -90,6 +92,8 @@ class _FingerprintTable:
         """The shard holding the item and the index of its slot, or None."""
         shard, high, low = self._fingerprint(item)
         table = self._shards[shard]
+        if table is None:
+            return None
         found, index = self._find(table, high, low)
         return (table, index) if found else None
 

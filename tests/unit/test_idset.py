@@ -29,7 +29,7 @@ def test_odd_strings_and_non_strings() -> None:
 def test_memory_is_a_few_words_an_id() -> None:
     ids = FingerprintSet(bits=64)
     ids.update(f"custom-id-{n}" for n in range(100_000))
-    table_bytes = sum(shard.buffer_info()[1] * shard.itemsize for shard in ids._shards)
+    table_bytes = sum(shard.buffer_info()[1] * shard.itemsize for shard in ids._shards if shard is not None)
     assert table_bytes <= 100_000 * 8 * 8 / 3  # at least 3/8 full
 
 
@@ -50,3 +50,10 @@ def test_counts_keep_their_values_through_growth_and_overwrite() -> None:
     assert counts.get("dir/file-0.txt") is None
     with pytest.raises(ValueError, match="non-negative"):
         counts["x"] = -1
+
+
+def test_an_empty_or_tiny_set_allocates_almost_nothing() -> None:
+    ids = FingerprintSet()
+    assert "x" not in ids
+    ids.add("x")
+    assert sum(shard is not None for shard in ids._shards) == 1
