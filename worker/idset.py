@@ -1,9 +1,11 @@
-"""Sets and counts keyed by string, in flat memory: fingerprints in open-addressed arrays, not Python strings.
+"""Sets and counts keyed by string, in flat memory: fingerprints in sorted arrays, not Python strings.
 
 A `set[str]` costs ~100 bytes an entry (the str object and its slot), a `dict[str, int]` ~150; a file of a
 million lines, or a sink of a million finished files, would hold 100+ MB just to remember names. These
-tables keep a keyed BLAKE2b fingerprint per key in `array('Q')` shards: 8 or 16 bytes a key (plus 8 for a
-count), times the load factor (between 3/8 and 3/4 full).
+tables keep a keyed BLAKE2b fingerprint per key in sorted `array('Q')` shards: 8 or 16 bytes a key (plus 8
+for a count), with no empty slots. Lookups are a C-level binary search; an insert is a C-level memmove of
+half a shard (256 shards: ~16 KB at a million keys). Arrays grow in small steps, so growing a table
+leaves no large freed blocks behind (doubling hash tables left as much again in heap holes).
 
 - 128-bit fingerprints are what resuming uses ("is this id already in the result file?", "is this file
   finished?"). A wrong answer would skip work, so the fingerprint is 128 bits: the odds that any two of a
@@ -12,101 +14,94 @@ count), times the load factor (between 3/8 and 3/4 full).
   ~3e-8 at a million lines) is only a *suspect*: the parser confirms it against the file before calling a
   line a duplicate (see formats.BatchFileParser), so the answer is exact.
 
-The table is split in 256 shards so that growing never copies more than 1/256 of it at once (no spike
-to twice the size). The key is random per process: fingerprints are never stored or compared across runs.
+The key is random per process: fingerprints are never stored or compared across runs.
 """
 
 from __future__ import annotations
 
 import os
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from hashlib import blake2b
 
 SHARDS = 256
-_INITIAL_SLOTS = 8  # per shard, a power of two
-_MAX_LOAD_NUMERATOR, _MAX_LOAD_DENOMINATOR = 3, 4
 
 
 class _FingerprintTable:
-    """Slot i of a shard is words [i*stride, (i+1)*stride): high, (low), (value). All-zero high = empty."""
+    """Per shard, parallel arrays sorted by `high`: high word, low word (128 bits), value (counts)."""
 
-    __slots__ = ("_bits", "_counts", "_key", "_key_words", "_len", "_shards", "_stride")
+    __slots__ = ("_high", "_key", "_len", "_low", "_values", "_wide")
 
     def __init__(self, *, bits: int, with_values: bool) -> None:
         if bits not in (64, 128):
             raise ValueError("bits must be 64 or 128")
-        self._bits = bits
-        self._key_words = bits // 64
-        self._stride = self._key_words + (1 if with_values else 0)
+        self._wide = bits == 128
         self._key = os.urandom(16)
-        self._shards: list[array[int] | None] = [None] * SHARDS  # created on first use: small sets stay small
-        self._counts = [0] * SHARDS
+        # Shards are created on first use: a set of one id stays small.
+        self._high: list[array[int] | None] = [None] * SHARDS
+        self._low: list[array[int] | None] | None = [None] * SHARDS if self._wide else None
+        self._values: list[array[int] | None] | None = [None] * SHARDS if with_values else None
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
     def _fingerprint(self, item: str) -> tuple[int, int, int]:
-        digest = blake2b(item.encode("utf-8", "surrogatepass"), digest_size=17, key=self._key).digest()
-        high = int.from_bytes(digest[1:9], "little") or 1  # never zero: zero marks an empty slot
-        low = int.from_bytes(digest[9:17], "little") if self._bits == 128 else 0
-        return digest[0], high, low
+        size = 17 if self._wide else 9
+        digest = blake2b(item.encode("utf-8", "surrogatepass"), digest_size=size, key=self._key).digest()
+        low = int.from_bytes(digest[9:17], "little") if self._wide else 0
+        return digest[0], int.from_bytes(digest[1:9], "little"), low
 
-    def _find(self, table: array[int], high: int, low: int) -> tuple[bool, int]:
-        """(found, index of the slot's first word): where the fingerprint is, or the empty slot for it."""
-        stride = self._stride
-        mask = len(table) // stride - 1
-        slot = (high >> 8) & mask
-        two_words = self._key_words == 2
-        while True:
-            index = slot * stride
-            value = table[index]
-            if value == high and (not two_words or table[index + 1] == low):
+    def _locate(self, shard: int, high: int, low: int) -> tuple[bool, int]:
+        """(found, index): where the fingerprint is in its shard, or where it would be inserted."""
+        highs = self._high[shard]
+        if highs is None:
+            return False, 0
+        index = bisect_left(highs, high)
+        if self._low is None:
+            return index < len(highs) and highs[index] == high, index
+        lows = self._low[shard]
+        assert lows is not None
+        while index < len(highs) and highs[index] == high:  # equal high words: ~never, but exact
+            if lows[index] == low:
                 return True, index
-            if value == 0:
-                return False, index
-            slot = (slot + 1) & mask
+            index += 1
+        return False, index
 
     def _insert(self, item: str, value: int) -> bool:
         """Store the item's fingerprint (and value); True when the fingerprint was not there before."""
         shard, high, low = self._fingerprint(item)
-        table = self._shards[shard]
-        if table is None:
-            table = self._shards[shard] = array("Q", bytes(8 * self._stride * _INITIAL_SLOTS))
-        found, index = self._find(table, high, low)
-        if self._stride > self._key_words:
-            table[index + self._key_words] = value
+        found, index = self._locate(shard, high, low)
         if found:
+            if self._values is not None:
+                self._column(self._values, shard)[index] = value
             return False
-        table[index] = high
-        if self._key_words == 2:
-            table[index + 1] = low
-        self._counts[shard] += 1
+        self._column(self._high, shard).insert(index, high)
+        if self._low is not None:
+            self._column(self._low, shard).insert(index, low)
+        if self._values is not None:
+            self._column(self._values, shard).insert(index, value)
         self._len += 1
-        if self._counts[shard] * _MAX_LOAD_DENOMINATOR > len(table) // self._stride * _MAX_LOAD_NUMERATOR:
-            self._shards[shard] = self._grown(table)
         return True
 
-    def _lookup(self, item: str) -> tuple[array[int], int] | None:
-        """The shard holding the item and the index of its slot, or None."""
+    def _lookup(self, item: str) -> tuple[int, int] | None:
+        """(shard, index) of the item's fingerprint, or None."""
         shard, high, low = self._fingerprint(item)
-        table = self._shards[shard]
-        if table is None:
-            return None
-        found, index = self._find(table, high, low)
-        return (table, index) if found else None
+        found, index = self._locate(shard, high, low)
+        return (shard, index) if found else None
 
-    def _grown(self, table: array[int]) -> array[int]:
-        stride = self._stride
-        bigger: array[int] = array("Q", bytes(8 * len(table) * 2))
-        for index in range(0, len(table), stride):
-            high = table[index]
-            if high:
-                low = table[index + 1] if self._key_words == 2 else 0
-                _, target = self._find(bigger, high, low)
-                bigger[target : target + stride] = table[index : index + stride]
-        return bigger
+    @staticmethod
+    def _column(columns: list[array[int] | None], shard: int) -> array[int]:
+        column = columns[shard]
+        if column is None:
+            column = columns[shard] = array("Q")
+        return column
+
+    def nbytes(self) -> int:
+        """Bytes held by the fingerprint arrays (not counting their small fixed headers)."""
+        columns = [self._high, self._low or [], self._values or []]
+        return sum(len(column) * column.itemsize for shards in columns for column in shards if column)
 
 
 class FingerprintSet(_FingerprintTable):
@@ -146,5 +141,6 @@ class FingerprintCounts(_FingerprintTable):
         where = self._lookup(item)
         if where is None:
             return None
-        table, index = where
-        return table[index + self._key_words]
+        shard, index = where
+        assert self._values is not None
+        return self._column(self._values, shard)[index]

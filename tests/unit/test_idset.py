@@ -26,11 +26,15 @@ def test_odd_strings_and_non_strings() -> None:
     assert len(ids) == 7
 
 
-def test_memory_is_a_few_words_an_id() -> None:
-    ids = FingerprintSet(bits=64)
+@pytest.mark.parametrize(("bits", "per_id"), [(64, 8), (128, 16)])
+def test_memory_is_the_fingerprint_and_nothing_else(bits: int, per_id: int) -> None:
+    ids = FingerprintSet(bits=bits)
     ids.update(f"custom-id-{n}" for n in range(100_000))
-    table_bytes = sum(shard.buffer_info()[1] * shard.itemsize for shard in ids._shards if shard is not None)
-    assert table_bytes <= 100_000 * 8 * 8 / 3  # at least 3/8 full
+    assert ids.nbytes() == 100_000 * per_id
+    counts = FingerprintCounts()
+    for n in range(1000):
+        counts[f"f{n}"] = n
+    assert counts.nbytes() == 1000 * 24
 
 
 def test_only_64_or_128_bits() -> None:
@@ -55,5 +59,7 @@ def test_counts_keep_their_values_through_growth_and_overwrite() -> None:
 def test_an_empty_or_tiny_set_allocates_almost_nothing() -> None:
     ids = FingerprintSet()
     assert "x" not in ids
+    assert ids.nbytes() == 0
     ids.add("x")
-    assert sum(shard is not None for shard in ids._shards) == 1
+    assert ids.nbytes() == 16
+    assert sum(shard is not None for shard in ids._high) == 1
