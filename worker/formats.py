@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -110,6 +112,10 @@ def parse_body_file(path: str, data: bytes, *, parameters: dict[str, Any]) -> Re
     return Request(path, CHAT_URL, {**parameters, **body})
 
 
+class InputChanged(Exception):
+    """An input file was different on a second read: its unit is left for the next run."""
+
+
 class SeenIds(Protocol):
     def add(self, item: str) -> bool:
         """Remember `item`; True when it is (probably) new, False when it may have been seen."""
@@ -119,19 +125,18 @@ class SeenIds(Protocol):
 class BatchFileParser:
     """Parses a .jsonl file line by line and catches repeated custom_ids, in flat memory.
 
-    Seen ids are kept as 64-bit fingerprints (worker.idset), ~12 bytes a line instead of ~100. A line
-    whose fingerprint was seen before is a *suspect*: it is held back (rare: a real duplicate, or a
-    fingerprint collision at odds of ~3e-8 in a million lines) until the caller has fed the file again
-    through `recheck_line`; `resolve_suspects` then yields a `Duplicate` only for an id that truly occurs
-    on an earlier line, and the request itself otherwise. The answer is exact.
+    Seen ids are kept as 64-bit fingerprints (worker.idset), 8 bytes a line instead of ~100. A line whose
+    fingerprint was seen before is a *suspect*: held back (rare: a real duplicate, or a fingerprint
+    collision at odds of ~3e-8 in a million lines) until `resolve_suspects` has read the file again up to
+    the last suspect. There each suspect becomes a `Duplicate` only when its id truly occurs on an earlier
+    line, and its request otherwise. The answer is exact; only the suspects' line numbers and ids are kept.
     """
 
     def __init__(self, path: str, *, parameters: dict[str, Any], seen: SeenIds | None = None) -> None:
         self.path = path
         self._parameters = parameters
         self._seen = seen if seen is not None else FingerprintSet(bits=64)
-        self._suspects: list[tuple[int, str, dict[str, Any]]] = []
-        self._first_line: dict[str, int] = {}
+        self._suspects: list[tuple[int, str]] = []
         self.items = 0
 
     def parse_line(self, line_number: int, raw: bytes) -> Parsed | None:
@@ -146,41 +151,44 @@ class BatchFileParser:
             return Rejected(where, code, f"{where} {problem}", line_number)
         custom_id = record["custom_id"]
         if not self._seen.add(custom_id):
-            self._suspects.append((line_number, custom_id, record))
-            self._first_line.setdefault(custom_id, line_number)
+            self._suspects.append((line_number, custom_id))
             return None
         self.items += 1
         return self._request(custom_id, record, where, line_number)
 
     @property
     def has_suspects(self) -> bool:
-        """Whether lines are held back until the file has been fed again through `recheck_line`."""
+        """Whether lines are held back until `resolve_suspects` has read the file again."""
         return bool(self._suspects)
 
-    def recheck_line(self, line_number: int, raw: bytes) -> bool:
-        """The second pass: note where suspect ids first occur. False once no later line matters."""
-        last = self._suspects[-1][0]
-        if line_number >= last:
-            return False
-        record = self._record(raw) if raw.strip() else None
-        if isinstance(record, dict):
-            custom_id = record["custom_id"]
-            if self._first_line.get(custom_id, line_number) > line_number:
-                self._first_line[custom_id] = line_number
-        return True
-
-    def resolve_suspects(self) -> list[Parsed]:
-        """After the second pass: a Duplicate for each repeat, the request for each fingerprint collision."""
-        resolved: list[Parsed] = []
-        for line_number, custom_id, record in self._suspects:
-            if self._first_line[custom_id] < line_number:
-                resolved.append(Duplicate(custom_id, line_number))
-            else:
-                self.items += 1
-                resolved.append(self._request(custom_id, record, f"{self.path}:{line_number}", line_number))
-        self._suspects.clear()
-        self._first_line.clear()
-        return resolved
+    async def resolve_suspects(self, lines: AsyncIterator[bytes]) -> AsyncIterator[Parsed]:
+        """The second pass, over the same file's lines: a Duplicate for each true repeat, the request
+        for each line held back by a fingerprint collision. Raises InputChanged if the file changed."""
+        pending = deque(self._suspects)
+        self._suspects = []
+        wanted = {custom_id for _, custom_id in pending}
+        first_line: dict[str, int] = {}
+        number = 0
+        async for raw in lines:
+            number += 1
+            record = self._record(raw) if raw.strip() else None
+            custom_id = record["custom_id"] if isinstance(record, dict) else None
+            if number == pending[0][0]:
+                if custom_id != pending[0][1]:
+                    break
+                pending.popleft()
+                if custom_id in first_line:
+                    yield Duplicate(custom_id, number)
+                else:
+                    first_line[custom_id] = number
+                    self.items += 1
+                    assert isinstance(record, dict)
+                    yield self._request(custom_id, record, f"{self.path}:{number}", number)
+                if not pending:
+                    return
+            elif custom_id in wanted:
+                first_line.setdefault(custom_id, number)
+        raise InputChanged(f"{self.path} changed while it was being read; the next run picks it up again")
 
     @staticmethod
     def _record(raw: bytes) -> dict[str, Any] | tuple[str, str]:

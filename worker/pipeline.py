@@ -372,14 +372,9 @@ class Pipeline:
                 if parsed is not None:
                     yield parsed
             if parser.has_suspects:  # a repeated id fingerprint: confirm against the file before judging
-                number = 0
                 async with aclosing(self._source.read_lines(file.path)) as lines:
-                    async for raw in lines:
-                        number += 1
-                        if not parser.recheck_line(number, raw):
-                            break
-                for parsed in parser.resolve_suspects():
-                    yield parsed
+                    async for parsed in parser.resolve_suspects(lines):
+                        yield parsed
             if parser.items == 0:
                 yield Rejected(file.path, "empty_input", f"{file.path} holds no request lines")
             return

@@ -1,4 +1,6 @@
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -79,14 +81,22 @@ def test_bad_json_bodies(data: bytes, code: str) -> None:
     assert parsed.code == code
 
 
+def second_pass(parser: BatchFileParser, lines: list[bytes]) -> list[object]:
+    async def reread() -> AsyncIterator[bytes]:
+        for raw in lines:
+            yield raw
+
+    async def resolve() -> list[object]:
+        return [parsed async for parsed in parser.resolve_suspects(reread())]
+
+    return asyncio.run(resolve())
+
+
 def parse_file(parser: BatchFileParser, lines: list[bytes]) -> list[object]:
-    """What the pipeline does: one pass, then (only when ids repeat) a recheck pass and the held lines."""
+    """What the pipeline does: one pass, then (only when ids repeat) the second pass for the held lines."""
     outcomes: list[object] = [parser.parse_line(number, raw) for number, raw in enumerate(lines, 1)]
     if parser.has_suspects:
-        for number, raw in enumerate(lines, 1):
-            if not parser.recheck_line(number, raw):
-                break
-        outcomes.extend(parser.resolve_suspects())
+        outcomes.extend(second_pass(parser, lines))
     return outcomes
 
 
@@ -147,6 +157,14 @@ def test_fingerprint_collisions_are_confirmed_against_the_file_never_guessed() -
     assert sorted(duplicates) == [("a", 3), ("a", 6), ("b", 5)]
     assert parser.items == 4
     assert not parser.has_suspects
+
+
+def test_a_file_changed_between_the_two_passes_is_left_for_the_next_run() -> None:
+    parser = BatchFileParser("f.jsonl", parameters={}, seen=EverythingLooksSeen())
+    first = [line(custom_id=i, url="/chat/completions", body=chat("x")) for i in ("a", "b", "a")]
+    assert [parser.parse_line(n, raw) is None for n, raw in enumerate(first, 1)] == [False, True, True]
+    with pytest.raises(formats.InputChanged, match=r"f\.jsonl changed while it was being read"):
+        second_pass(parser, first[:1])  # the file is shorter now
 
 
 def test_a_file_without_repeats_needs_no_second_pass() -> None:
