@@ -264,7 +264,7 @@ def error_record(code: str, message: str) -> dict[str, str]:
 class ResultScanner:
     """Collects the custom_ids recorded in a result file, fed in chunks (flat memory for big files).
 
-    The ids are kept as 128-bit fingerprints (worker.idset): ~30 bytes an id instead of ~100.
+    The ids are kept as 128-bit fingerprints (worker.idset): 16 bytes an id instead of ~100.
 
     `complete` is the length of the complete lines seen; a torn last line (a crash while writing a
     local file) is not counted, and its offset tells the caller where to cut the file.
