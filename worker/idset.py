@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
 from hashlib import blake2b
 
 SHARDS = 256
@@ -119,10 +118,6 @@ class FingerprintSet(_FingerprintTable):
         """Remember `item`; True when it was not there before."""
         return self._insert(item, 0)
 
-    def update(self, items: Iterable[str]) -> None:
-        for item in items:
-            self.add(item)
-
 
 class FingerprintCounts(_FingerprintTable):
     """A grow-only map from string to a non-negative count, keyed by 128-bit fingerprint."""
@@ -142,5 +137,6 @@ class FingerprintCounts(_FingerprintTable):
         if where is None:
             return None
         shard, index = where
-        assert self._values is not None
-        return self._column(self._values, shard)[index]
+        values = self._values[shard] if self._values is not None else None
+        assert values is not None  # a found key has its value column
+        return values[index]
