@@ -1,22 +1,34 @@
 """One request → one Azure OpenAI call, retried at this one layer (the SDK's own retries are off).
 
-Every failure is classified once, here (`classify`):
-- RETRY: 429, 408, 409, 5xx, timeouts, connection errors (to Azure OpenAI or to the token endpoint). Wait what the service asked
-  (`retry-after-ms`, then `retry-after`; a 429 pauses the whole deployment), else jittered exponential
-  backoff; at most `max_attempts` attempts, then a final error record.
-- REAUTH: 401 with an Entra token. The shared cache fetches a *fresh* token and the call is retried;
-  a newly issued token rejected again means the identity is wrong: the run stops with exit 2.
-- FINAL: other 4xx (content_filter, invalid request, ...): recorded at once as an error line, never retried.
-- FATAL: the identity lacks a role (403), the configured deployment does not exist, the key is wrong:
-  no item can succeed, so the run stops with exit 2 and records nothing for the item.
+Every failed attempt is classified once (`classify`), and the wait before the next one is a pure
+function of the failure and the attempt number (`retry_delay`):
+
+- RETRY (5xx, 408, 409, timeouts, connection errors, token-endpoint outages): never a record. A
+  deployment that keeps failing opens its circuit (worker.health): then items wait for it without
+  spending attempts, up to `--outage-seconds`. A failure while the circuit stays closed (the
+  deployment is otherwise answering) spends one of the item's `--max-attempts`. Spent attempts or an
+  outage leave the item `Unfinished` (exit 1).
+- THROTTLED (429): the deployment's budget pauses for the server's retry-after and cuts its pace;
+  not an attempt. A retry-after longer than `MAX_SERVER_WAIT_SECONDS` (a daily or monthly quota)
+  takes the deployment out of this run.
+- REAUTH (401 with an Entra token): the shared cache gets a newly issued token and the call goes again;
+  a newly issued token rejected again is a configuration error (exit 2).
+- FINAL (content_filter, invalid request, context too long, ...): recorded at once as an error line.
+- MISCONFIGURED (404, 400 OperationNotSupported): a retired api-version, a wrong endpoint path or
+  deployment, chat sent to an embeddings deployment. Before the deployment has ever answered with a
+  success this is a configuration error (exit 2, nothing recorded); a deployment named only by some
+  lines' `body.model` that does not exist gets error records for those lines.
+- FATAL (403, the key is wrong): no item can succeed; exit 2.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import enum
 import json
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -27,13 +39,13 @@ import httpx2
 import openai
 import structlog
 from azure.core.exceptions import ServiceRequestError, ServiceResponseError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from worker.errors import AccessDenied, ConfigError
+from worker.errors import AccessDenied, ConfigError, Unfinished
 from worker.formats import Request
+from worker.health import Circuit, Health
 from worker.identity import OPENAI_SCOPE, SharedTokens, describe_principal
 from worker.metrics import RunStats
-from worker.ratelimit import Budgets, Permit, estimate_tokens
+from worker.ratelimit import Budgets, Permit, RateBudget, estimate_tokens
 
 log = structlog.get_logger("worker.calls")
 
@@ -41,58 +53,78 @@ BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 MAX_SERVER_WAIT_SECONDS = 300.0
 MAX_REAUTHS_PER_ITEM = 2
+TRANSIENT_ERRORS = (
+    openai.APITimeoutError,
+    openai.APIConnectionError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+MISCONFIGURED_CODES = {"DeploymentNotFound", "OperationNotSupported", "404"}
 
 
 class Verdict(enum.Enum):
     RETRY = "retry"
+    THROTTLED = "throttled"
     REAUTH = "reauth"
     FINAL = "final"
+    MISCONFIGURED = "misconfigured"
     FATAL = "fatal"
 
 
 def classify(exc: BaseException) -> Verdict:
-    """What to do about a failed attempt."""
-    if isinstance(
-        exc, openai.APITimeoutError | openai.APIConnectionError | ServiceRequestError | ServiceResponseError
-    ):
-        return (
-            Verdict.RETRY
-        )  # the last two: the token endpoint was unreachable (e.g. the identity endpoint restarting)
-    if isinstance(exc, ConfigError):
-        return Verdict.FATAL
+    """What a failed attempt means (see the module docstring)."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return Verdict.RETRY
     if not isinstance(exc, openai.APIStatusError):
         return Verdict.FATAL
     status = exc.status_code
+    if status == 429:
+        return Verdict.THROTTLED
     if status == 401:
         return Verdict.REAUTH
     if status == 403:
         return Verdict.FATAL
-    if status == 404 and error_code(exc) == "DeploymentNotFound":
-        return Verdict.FATAL
-    if status in (408, 409, 429) or status >= 500:
+    if status == 404 or (status == 400 and error_code(exc) == "OperationNotSupported"):
+        return Verdict.MISCONFIGURED
+    if status in (408, 409) or status >= 500:
         return Verdict.RETRY
     return Verdict.FINAL
 
 
 def server_wait_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a response asks for: `retry-after-ms` first, then `retry-after` (seconds or HTTP date)."""
+    """The wait a response asks for: `retry-after-ms` first, then `retry-after` (seconds or HTTP date).
+
+    A value that is neither a number nor a date is ignored (None)."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value) if name == "retry-after" else None
-            if when is not None:
+        with contextlib.suppress(ValueError, OverflowError):
+            seconds = float(value) * scale
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
+            continue
+        if name == "retry-after":
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                when = email.utils.parsedate_to_datetime(value)
                 return max(0.0, when.timestamp() - time.time())
     return None
 
 
 def backoff_seconds(attempt: int, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter for the wait after attempt number `attempt` (1-based)."""
-    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+    ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (min(attempt, 32) - 1))
     return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def retry_delay(exc: BaseException, attempt: int) -> float:
+    """Seconds to wait before the next attempt after `exc` on attempt `attempt`: what the server asked
+    (when it asked for no more than MAX_SERVER_WAIT_SECONDS), else jittered exponential backoff."""
+    if isinstance(exc, openai.APIStatusError):
+        hint = server_wait_seconds(exc.response.headers)
+        if hint is not None and hint <= MAX_SERVER_WAIT_SECONDS:
+            return hint
+    return backoff_seconds(attempt)
 
 
 def error_code(exc: openai.APIStatusError) -> str:
@@ -120,6 +152,13 @@ def error_message(exc: BaseException) -> str:
     return str(exc)
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A short name for a failure, for logs: `http_503`, `APITimeoutError`, ..."""
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    return type(exc).__name__
+
+
 def _request_id(headers: Mapping[str, str]) -> str | None:
     return headers.get("apim-request-id") or headers.get("x-request-id")
 
@@ -138,13 +177,20 @@ class Outcome:
     response: dict[str, Any] | None
     error: dict[str, str] | None
 
-    @property
-    def succeeded(self) -> bool:
-        return self.error is None
 
+class InvalidResponse(Exception):
+    """The call completed but its answer could not be read (not JSON, not an object, ...)."""
 
-class _Reauth(Exception):
-    """Internal: a 401 after which a fresh token is in place; retry now."""
+    def __init__(self, response: httpx2.Response, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = Outcome(
+            {"status_code": response.status_code, "request_id": _request_id(response.headers), "body": None},
+            {
+                "code": "invalid_response",
+                "message": f"the answer (HTTP {response.status_code}, content-type "
+                f"{response.headers.get('content-type', '?')}) could not be read: {detail}"[:1000],
+            },
+        )
 
 
 class Caller:
@@ -156,6 +202,7 @@ class Caller:
         *,
         tokens: SharedTokens | None,
         budgets: Budgets,
+        health: Health,
         stats: RunStats,
         default_deployment: str | None,
         max_attempts: int,
@@ -164,16 +211,21 @@ class Caller:
         self._client = client
         self._tokens = tokens
         self._budgets = budgets
+        self._health = health
         self._stats = stats
         self._default_deployment = default_deployment
         self._max_attempts = max_attempts
         self._timeout = request_timeout
 
+    @property
+    def default_deployment(self) -> str | None:
+        return self._default_deployment
+
     def deployment_for(self, request: Request) -> tuple[str, bool]:
         """The deployment to call and whether the input itself named it (`body.model`)."""
         model = request.body.get("model")
         if isinstance(model, str) and model:
-            return model, True
+            return model, model != self._default_deployment
         if not self._default_deployment:
             raise ConfigError(
                 "missing setting: --deployment or AZURE_OPENAI_DEPLOYMENT (the Azure OpenAI deployment "
@@ -182,74 +234,74 @@ class Caller:
         return self._default_deployment, False
 
     async def call(self, request: Request) -> Outcome:
-        """Call until success, a final error, or the attempt cap. Raises ConfigError for FATAL failures."""
+        """Call until success or a final answer. Raises ConfigError (exit 2) for a configuration problem,
+        Unfinished (no record; the next run retries) when retryable failures are left."""
         deployment, named_by_input = self.deployment_for(request)
         body = {**request.body, "model": deployment}
         cost = estimate_tokens(body)
         budget = self._budgets[deployment]
-        reauths = 0
+        circuit = self._health[deployment]
+        spent = reauths = throttles = 0
+        while True:
+            probe = await circuit.admit()
+            try:
+                async with budget.admit(cost) as permit:
+                    self._stats.throttle_wait_seconds += permit.waited
+                    outcome = await self._attempt(request.url, body, permit)
+            except InvalidResponse as exc:
+                circuit.answered(probe, ok=True)
+                log.warning("item.invalid_response", custom_id=request.custom_id, detail=str(exc)[:300])
+                return exc.outcome
+            except (openai.APIStatusError, *TRANSIENT_ERRORS) as exc:
+                failure: BaseException = exc
+            except BaseException:
+                if probe:
+                    circuit.probe_abandoned()
+                raise
+            else:
+                circuit.answered(probe, ok=True)
+                return outcome
 
-        def should_retry(exc: BaseException) -> bool:
-            return isinstance(exc, _Reauth) or classify(exc) is Verdict.RETRY
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, _Reauth):
-                return 0.0
-            hint = (
-                server_wait_seconds(exc.response.headers) if isinstance(exc, openai.APIStatusError) else None
-            )
-            if hint is not None and hint <= MAX_SERVER_WAIT_SECONDS:
-                if isinstance(exc, openai.RateLimitError):
-                    budget.pause(hint)
-                    return 0.0  # the budget holds this request (and every other) until the pause ends
-                return hint
-            return backoff_seconds(state.attempt_number)
-
-        def before_sleep(state: RetryCallState) -> None:
-            self._stats.retries += 1
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, openai.RateLimitError):
+            verdict = classify(failure)
+            if verdict is Verdict.RETRY:
+                circuit.failed(probe, describe_failure(failure))
+                self._stats.retries += 1
+                if circuit.is_open:  # an outage: the item waits for the deployment, spending nothing
+                    continue
+                spent += 1
+                if spent >= self._max_attempts:
+                    raise Unfinished(
+                        f"{spent} attempts failed ({describe_failure(failure)}: {error_message(failure)}) "
+                        "while the deployment was otherwise answering; left for the next run"
+                    )
+                await asyncio.sleep(retry_delay(failure, spent))
+                continue
+            assert isinstance(failure, openai.APIStatusError)
+            circuit.answered(probe, ok=False)
+            if verdict is Verdict.THROTTLED:
+                throttles += 1
                 self._stats.throttled += 1
-            log.debug(
-                "call.retry",
-                custom_id=request.custom_id,
-                attempt=state.attempt_number,
-                error=type(exc).__name__,
+                self._stats.retries += 1
+                self._throttled(failure, budget, circuit, throttles)
+                continue
+            if verdict is Verdict.REAUTH:
+                reauths += 1
+                await self._after_401(failure, reauths)
+                continue
+            return self._final(failure, verdict, deployment, named_by_input)
+
+    @staticmethod
+    def _throttled(exc: openai.APIStatusError, budget: RateBudget, circuit: Circuit, throttles: int) -> None:
+        wait = server_wait_seconds(exc.response.headers)
+        if wait is not None and wait > MAX_SERVER_WAIT_SECONDS:
+            circuit.give_up(
+                f"answered 429 asking to wait {wait:.0f} s, longer than the worker waits "
+                f"({MAX_SERVER_WAIT_SECONDS:.0f} s): its quota is used up (a daily or monthly limit?); "
+                "the next run resumes the items left"
             )
-
-        attempts = 0
-
-        def out_of_attempts(state: RetryCallState) -> bool:
-            return attempts - reauths >= self._max_attempts
-
-        retrying = AsyncRetrying(
-            stop=out_of_attempts,
-            wait=wait,
-            retry=retry_if_exception(should_retry),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    try:
-                        async with budget.admit(cost) as permit:
-                            self._stats.throttle_wait_seconds += permit.waited
-                            return await self._attempt(request.url, body, permit)
-                    except openai.AuthenticationError as exc:
-                        reauths += 1
-                        await self._after_401(exc, reauths)
-                        raise _Reauth from exc
-        except openai.APIStatusError as exc:
-            return self._final_failure(exc, deployment, named_by_input)
-        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            code = "timeout" if isinstance(exc, openai.APITimeoutError) else "connection_error"
-            return Outcome(
-                None, {"code": code, "message": f"{error_message(exc)} (after {attempts} attempts)"}
-            )
-        raise AssertionError("unreachable")
+            assert circuit.down is not None
+            raise circuit.down
+        budget.pause(wait if wait is not None else backoff_seconds(throttles))
 
     async def _attempt(self, url: str, body: dict[str, Any], permit: Permit) -> Outcome:
         self._stats.requests += 1
@@ -258,12 +310,15 @@ class Caller:
             url, cast_to=httpx2.Response, body=body, options={"timeout": self._timeout}
         )
         self._stats.latency.add(time.perf_counter() - started)
-        permit.observe(response.headers)
-        payload = json.loads(response.content)
-        usage = payload.get("usage") if isinstance(payload, dict) else None
-        if isinstance(usage, dict):
-            self._stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self._stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+        try:
+            permit.observe(response.headers)
+            payload = _answer_object(response)
+            usage = payload.get("usage")
+            if isinstance(usage, dict):
+                self._stats.prompt_tokens += _count(usage.get("prompt_tokens"))
+                self._stats.completion_tokens += _count(usage.get("completion_tokens"))
+        except Exception as exc:  # noqa: BLE001 - whatever the answer was, it was paid for: record it
+            raise InvalidResponse(response, f"{type(exc).__name__}: {exc}") from None
         return Outcome(
             {
                 "status_code": response.status_code,
@@ -273,7 +328,7 @@ class Caller:
             None,
         )
 
-    async def _after_401(self, exc: openai.AuthenticationError, reauths: int) -> None:
+    async def _after_401(self, exc: openai.APIStatusError, reauths: int) -> None:
         if self._tokens is None:
             raise AccessDenied(
                 "Azure OpenAI rejected the API key (AZURE_OPENAI_API_KEY): check that it is a current key of the "
@@ -283,25 +338,73 @@ class Caller:
         rejected = header.removeprefix("Bearer ").removeprefix("bearer ")
         renewed = await self._tokens.refresh(OPENAI_SCOPE, rejected)
         self._stats.token_refreshes = self._tokens.refreshes
-        if not renewed or reauths > MAX_REAUTHS_PER_ITEM:
+        if reauths <= MAX_REAUTHS_PER_ITEM:
+            if not renewed:  # the credential handed back the same token: give the service a moment
+                await asyncio.sleep(backoff_seconds(reauths))
+            return
+        if not renewed:
             raise AccessDenied(
-                f"Azure OpenAI rejected a newly issued token for {describe_principal(rejected)} "
-                f"({error_message(exc)}): check that AZURE_OPENAI_ENDPOINT is the resource the identity is "
-                "meant for, in the identity's tenant"
+                f"Azure OpenAI keeps rejecting the token of {describe_principal(rejected)} ({error_message(exc)}) "
+                "and the credential hands back the same token when asked for a new one: check that "
+                "AZURE_OPENAI_ENDPOINT is the resource the identity is meant for, in the identity's tenant"
             ) from None
+        raise AccessDenied(
+            f"Azure OpenAI rejected a newly issued token for {describe_principal(rejected)} "
+            f"({error_message(exc)}): check that AZURE_OPENAI_ENDPOINT is the resource the identity is "
+            "meant for, in the identity's tenant"
+        ) from None
 
-    def _final_failure(self, exc: openai.APIStatusError, deployment: str, named_by_input: bool) -> Outcome:
-        verdict = classify(exc)
+    def _final(
+        self, exc: openai.APIStatusError, verdict: Verdict, deployment: str, named_by_input: bool
+    ) -> Outcome:
         code = error_code(exc)
-        if verdict is Verdict.FATAL and exc.status_code == 403:
+        if verdict is Verdict.FATAL:
             raise AccessDenied(
                 f"Azure OpenAI refused the call ({code}: {error_message(exc)}): assign the 'Cognitive Services "
                 "OpenAI User' role on the Azure OpenAI resource to the identity the worker runs as "
                 "(`worker doctor` names it)"
             ) from None
-        if verdict is Verdict.FATAL and not named_by_input:
-            raise ConfigError(
+        if verdict is Verdict.MISCONFIGURED and not self._health[deployment].verified:
+            problem = self._misconfiguration(exc, code, deployment, named_by_input)
+            if problem is not None:
+                raise problem from None
+        return Outcome(_service_response(exc), {"code": code, "message": error_message(exc)})
+
+    def _misconfiguration(
+        self, exc: openai.APIStatusError, code: str, deployment: str, named_by_input: bool
+    ) -> ConfigError | None:
+        """A 404/OperationNotSupported from a deployment that never answered: which setting to fix, or
+        None when only the lines naming that deployment are wrong (the others work)."""
+        if code == "DeploymentNotFound":
+            if named_by_input:
+                return None
+            return ConfigError(
                 f"the deployment {deployment!r} does not exist at AZURE_OPENAI_ENDPOINT: set --deployment / "
                 "AZURE_OPENAI_DEPLOYMENT to a deployment name (not a model name) of that resource"
-            ) from None
-        return Outcome(_service_response(exc), {"code": code, "message": error_message(exc)})
+            )
+        if code == "OperationNotSupported":
+            if named_by_input:
+                return None
+            return ConfigError(
+                f"the deployment {deployment!r} does not support this operation ({error_message(exc)}): "
+                "point --deployment / AZURE_OPENAI_DEPLOYMENT at a chat deployment (or an embeddings "
+                "deployment for /embeddings lines)"
+            )
+        if named_by_input and self._health.any_verified:
+            return None
+        return ConfigError(
+            f"Azure OpenAI answered {exc.status_code} {error_message(exc)!r} for deployment {deployment!r}: "
+            "check OPENAI_API_VERSION / --api-version (a retired or mistyped version) and "
+            "AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com, with no path)"
+        )
+
+
+def _answer_object(response: httpx2.Response) -> dict[str, Any]:
+    payload = json.loads(response.content)
+    if not isinstance(payload, dict):
+        raise TypeError(f"a JSON {type(payload).__name__} instead of an object")
+    return payload
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0

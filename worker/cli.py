@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import structlog
@@ -85,7 +86,10 @@ def run(
     tpm: Annotated[int | None, typer.Option(help=_help("tpm"))] = None,
     rpm: Annotated[int | None, typer.Option(help=_help("rpm"))] = None,
     drain_seconds: Annotated[
-        float | None, typer.Option(help=_help("drain_seconds") + " [default: 20]")
+        float | None, typer.Option(help=_help("drain_seconds") + " [default: 15]")
+    ] = None,
+    outage_seconds: Annotated[
+        float | None, typer.Option(help=_help("outage_seconds") + " [default: 300]")
     ] = None,
     lease_seconds: Annotated[int | None, typer.Option(help=_help("lease_seconds") + " [default: 30]")] = None,
     endpoint: Annotated[str | None, typer.Option(help=_help("endpoint"))] = None,
@@ -108,6 +112,7 @@ def run(
         "tpm": tpm,
         "rpm": rpm,
         "drain_seconds": drain_seconds,
+        "outage_seconds": outage_seconds,
         "lease_seconds": lease_seconds,
         "endpoint": endpoint,
         "api_version": api_version,
@@ -117,9 +122,18 @@ def run(
     settings = _load(flags, job)
     json_lines = _json_mode(settings.log_format)
     logs.configure(json_lines=json_lines, verbose=verbose)
-    result = asyncio.run(run_job(settings)) if json_lines else _run_with_progress(settings)
-    _print_summary(result, json_lines)
+    result = asyncio.run(_run_and_report(settings)) if json_lines else _run_with_progress(settings)
     raise typer.Exit(result.exit_code)
+
+
+async def _run_and_report(
+    settings: Settings, on_progress: Callable[[int], None] = lambda _n: None, *, json_lines: bool = True
+) -> RunResult:
+    """Run, then print the summary at once: before the event loop's shutdown waits for any thread."""
+    result = await run_job(settings, on_progress=on_progress)
+    _print_summary(result, json_lines)
+    sys.stdout.flush()
+    return result
 
 
 @app.command()
@@ -164,7 +178,7 @@ def _run_with_progress(settings: Settings) -> RunResult:
     columns = (SpinnerColumn(), TextColumn("items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("items", total=None)
-        return asyncio.run(run_job(settings, on_progress=lambda n: progress.advance(task, n)))
+        return asyncio.run(_run_and_report(settings, lambda n: progress.advance(task, n), json_lines=False))
 
 
 def _print_summary(result: RunResult, json_lines: bool) -> None:

@@ -1,9 +1,13 @@
 """The worker's errors, one class per meaning.
 
     WorkerError
-    ├── ConfigError        a setting is missing or wrong; exit 2 with a message that says what to fix
-    │   └── AccessDenied   storage or Azure OpenAI refused the identity (a role is missing); exit 2
-    └── LeaseLost          another replica took a work unit this process held; the unit stops
+    ├── ConfigError            a setting is missing or wrong; exit 2 with a message that says what to fix
+    │   └── AccessDenied       storage or Azure OpenAI refused the identity (a role is missing); exit 2
+    ├── LeaseLost              another replica took a work unit this process held; the unit stops
+    ├── UnitHeld               another process holds a work unit's lease right now
+    └── Unfinished             an item ends this run without a record; exit 1, the next run retries it
+        └── DeploymentDown     a deployment is out for this run (outage past --outage-seconds, or it
+                               asked for a wait longer than the worker may wait, e.g. a daily quota)
 
 Messages never contain a secret, key or token: callers pass names and places, not values.
 """
@@ -23,3 +27,20 @@ class AccessDenied(ConfigError):
 
 class LeaseLost(WorkerError):
     """The lease on a work unit expired or was taken: stop writing to it."""
+
+
+class UnitHeld(WorkerError):
+    """Another process holds the lease (or lock) on a work unit at this moment."""
+
+
+class Unfinished(WorkerError):
+    """Retryable failures are left (attempts spent while the service was otherwise healthy): the item
+    gets no record this run and the next run tries it again."""
+
+
+class DeploymentDown(Unfinished):
+    """A deployment is unavailable for the rest of this run; its items are left for the next run."""
+
+    def __init__(self, deployment: str, reason: str) -> None:
+        super().__init__(f"deployment {deployment!r} {reason}")
+        self.deployment = deployment

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import structlog
 from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOptions
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
+from azure.identity import CredentialUnavailableError
 
 from worker.errors import ConfigError
 from worker.settings import Settings
@@ -33,7 +35,7 @@ log = structlog.get_logger("worker.identity")
 OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 STORAGE_SCOPE = "https://storage.azure.com/.default"
 REFRESH_MARGIN_SECONDS = 300
-TOKEN_ENDPOINT_RETRY_WAITS = (1.0, 2.0, 4.0)
+REFRESH_RETRY_SECONDS = 10.0
 # A claims challenge asking for a token issued from now on: credentials skip their caches for it.
 _FRESH_CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}'
 
@@ -186,10 +188,55 @@ def describe_principal(token: str) -> str:
 class _Slot:
     token: AccessTokenInfo | None = None
     lock: asyncio.Lock | None = None
+    generation: int = 0  # fetches finished so far; a waiter that saw one fail shares its outcome
+    failure: BaseException | None = None
+    retry_refresh_at: float = 0.0
+
+
+class TokenEndpointUnavailable(ServiceRequestError):
+    """The token endpoint did not answer, or answered 429/5xx. A ServiceRequestError, so that the layer
+    that retries (the call loop, storage's retry policy) retries it like any connection error."""
+
+
+_DEFINITIVE = re.compile(
+    r"AADSTS\d+|invalid_client|unauthorized_client|invalid_grant|Identity not found|"
+    r"Unable to load the proper Managed Identity|az login|not logged in|Unauthorized|"
+    r"certificate|No such file|could not get a Google ID token",
+    re.IGNORECASE,
+)
+
+
+def is_transient(exc: ClientAuthenticationError) -> bool:
+    """Whether a credential failure is the token endpoint's trouble (unreachable, 429, 5xx) rather than
+    a definitive rejection (wrong secret, unknown client id, nothing configured).
+
+    DefaultAzureCredential wraps its credentials' failures into one message without a status: there the
+    lines of the credentials that were tried (not merely "unavailable") decide.
+    """
+    if isinstance(exc, CredentialUnavailableError):
+        return False
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 429) or status >= 500
+    message = exc.message or str(exc)
+    attempted = [
+        line
+        for line in message.splitlines()
+        if line.startswith("\t") and "authentication unavailable" not in line and ":" in line
+    ]
+    if "failed to retrieve a token from the included credentials" in message:
+        return bool(attempted) and not any(_DEFINITIVE.search(line) for line in attempted)
+    return False
 
 
 class SharedTokens(AsyncTokenCredential):
     """A token cache with single-flight fetches and forced refresh, over one credential.
+
+    - One fetch per scope at a time; callers that waited for a fetch that failed get the same failure.
+    - A token due for refresh that cannot be refreshed keeps being served while it is valid; the refresh
+      is tried again `REFRESH_RETRY_SECONDS` later.
+    - A transient failure (token endpoint unreachable, 429, 5xx) raises TokenEndpointUnavailable, which
+      the callers' own retry layers retry; a definitive one raises ConfigError (exit 2).
 
     Counts (`fetches`, `refreshes`) feed the run manifest.
     """
@@ -211,23 +258,48 @@ class SharedTokens(AsyncTokenCredential):
         return slot
 
     @staticmethod
-    def _usable(token: AccessTokenInfo | None) -> bool:
+    def _valid(token: AccessTokenInfo | None) -> bool:
+        return token is not None and time.time() < token.expires_on - 30
+
+    @staticmethod
+    def _fresh_enough(token: AccessTokenInfo | None, slot: _Slot) -> bool:
         if token is None:
             return False
         now = time.time()
         refresh_at = token.refresh_on or token.expires_on - REFRESH_MARGIN_SECONDS
-        return now < refresh_at and now < token.expires_on - 30
+        return now < token.expires_on - 30 and (now < refresh_at or now < slot.retry_refresh_at)
 
     async def token(self, scope: str) -> AccessTokenInfo:
         """A valid token for `scope`, from cache or one shared fetch."""
         slot = self._slot(scope)
-        if self._usable(slot.token):
+        if self._fresh_enough(slot.token, slot):
             assert slot.token is not None
             return slot.token
         assert slot.lock is not None
+        seen = slot.generation
         async with slot.lock:
-            if not self._usable(slot.token):
-                slot.token = await self._fetch(scope, fresh=False)
+            if self._fresh_enough(slot.token, slot):
+                assert slot.token is not None
+                return slot.token
+            if slot.generation != seen and slot.failure is not None:
+                raise slot.failure  # the fetch this caller waited for failed: share its outcome
+            try:
+                fetched = await self._fetch(scope, slot, fresh=False)
+                if slot.token is not None and fetched.token == slot.token.token:
+                    # The credential kept its cached token (it throttles its own refreshes): ask later.
+                    slot.retry_refresh_at = time.time() + REFRESH_RETRY_SECONDS
+                slot.token = fetched
+            except (ConfigError, TokenEndpointUnavailable) as exc:
+                if not self._valid(slot.token):
+                    raise
+                slot.retry_refresh_at = time.time() + REFRESH_RETRY_SECONDS
+                log.warning(
+                    "identity.refresh_failed",
+                    scope=scope,
+                    error=first_line(str(exc)),
+                    serving_cached_for_s=round(slot.token.expires_on - time.time()) if slot.token else 0,
+                    retry_in_s=REFRESH_RETRY_SECONDS,
+                )
             assert slot.token is not None
             return slot.token
 
@@ -242,26 +314,28 @@ class SharedTokens(AsyncTokenCredential):
         async with slot.lock:
             if slot.token is not None and slot.token.token != rejected:
                 return True
-            fresh = await self._fetch(scope, fresh=True)
+            fresh = await self._fetch(scope, slot, fresh=True)
             slot.token = fresh
             self.refreshes += 1
-            log.warning("identity.token_refreshed", scope=scope, reason="rejected by the service")
-            return fresh.token != rejected
+            renewed = fresh.token != rejected
+            log.warning(
+                "identity.token_refreshed",
+                scope=scope,
+                reason="rejected by the service",
+                new_token=renewed,
+            )
+            return renewed
 
-    async def _fetch(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
-        """One token request, retried while the token endpoint is unreachable (it restarts, too)."""
-        for wait in TOKEN_ENDPOINT_RETRY_WAITS:
-            try:
-                return await self._fetch_once(scope, fresh=fresh)
-            except (ServiceRequestError, ServiceResponseError) as exc:
-                log.warning(
-                    "identity.token_endpoint_unreachable",
-                    scope=scope,
-                    error=type(exc).__name__,
-                    retry_in_s=wait,
-                )
-                await asyncio.sleep(wait)
-        return await self._fetch_once(scope, fresh=fresh)
+    async def _fetch(self, scope: str, slot: _Slot, *, fresh: bool) -> AccessTokenInfo:
+        """One token request; its outcome is recorded in the slot for the callers that waited."""
+        slot.failure = None
+        try:
+            return await self._fetch_once(scope, fresh=fresh)
+        except (ConfigError, TokenEndpointUnavailable) as exc:
+            slot.failure = exc
+            raise
+        finally:
+            slot.generation += 1
 
     async def _fetch_once(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
         self.fetches += 1
@@ -273,7 +347,17 @@ class SharedTokens(AsyncTokenCredential):
                 except (ClientAuthenticationError, ValueError):
                     pass  # some credentials (az CLI) refuse claims; they do not cache either
             return await self._credential.get_token_info(scope)  # type: ignore[attr-defined,no-any-return]
+        except (ServiceRequestError, ServiceResponseError) as exc:
+            log.warning("identity.token_endpoint_unreachable", scope=scope, error=type(exc).__name__)
+            raise TokenEndpointUnavailable(
+                f"the token endpoint is unreachable ({type(exc).__name__})"
+            ) from None
         except ClientAuthenticationError as exc:
+            if is_transient(exc):
+                log.warning("identity.token_endpoint_unreachable", scope=scope, error=first_line(exc.message))
+                raise TokenEndpointUnavailable(
+                    f"the token endpoint failed: {first_line(exc.message)}"
+                ) from None
             raise ConfigError(f"could not get a token for {scope}: {first_line(exc.message)}") from None
 
     def provider(self, scope: str) -> Callable[[], Awaitable[str]]:

@@ -14,16 +14,17 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from worker import __version__
 from worker.calls import Caller
 from worker.errors import ConfigError
+from worker.health import Health
 from worker.identity import first_line
 from worker.metrics import RunStats
 from worker.pipeline import Pipeline, PipelineLimits
@@ -48,14 +49,14 @@ class RunResult:
     manifest: str | None = None
     rate_limits: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
-    ended: float = 0.0
+    ended: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             **self.stats.summary(),
             "exit_code": self.exit_code,
-            "duration_s": round(self.ended - self.started, 3),
+            "duration_s": round((self.ended or time.time()) - self.started, 3),
             "manifest": self.manifest,
             **({"error": self.error} if self.error else {}),
         }
@@ -107,7 +108,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
         "run_id": result.run_id,
         "worker_version": __version__,
         "started": datetime.fromtimestamp(result.started, UTC).isoformat(),
-        "ended": datetime.fromtimestamp(result.ended, UTC).isoformat(),
+        "ended": datetime.fromtimestamp(result.ended or time.time(), UTC).isoformat(),
         "exit_code": result.exit_code,
         "error": result.error,
         "source": settings.source,
@@ -124,7 +125,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
                 "interrupted",
                 "units_done",
                 "units_skipped",
-                "units_held_elsewhere",
+                "units_held",
             )
         },
         "calls": {
@@ -155,46 +156,20 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
 
 
 async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = lambda _n: None) -> RunResult:
-    """Run one job to an exit code. Never raises for configuration problems: they become exit 2."""
+    """Run one job to an exit code. Never raises for configuration problems: they become exit 2.
+
+    After a SIGTERM everything is bounded: the drain, then writing what finished, then (best effort)
+    releasing leases and writing the manifest until `STOP_DEADLINE_SECONDS`, then the telemetry flush.
+    """
     result = RunResult(run_id=new_run_id(settings), exit_code=EXIT_DONE, stats=RunStats())
     telemetry = open_telemetry(run_id=result.run_id)
     telemetry.attach(result.stats)
     with Stopper(settings.drain_seconds) as stopper:
         try:
-            settings.require("source", "sink", "endpoint")
-            source_at = parse_location(settings.source or "", what="--source")
-            sink_at = parse_location(settings.sink or "", what="--sink")
-            async with open_clients(settings) as clients:
-                sink = clients.sink(sink_at)
-                await sink.prepare()
-                budgets = Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency)
-                pipeline = _pipeline(
-                    settings, clients, sink, budgets, result.stats, source_at, sink_at, on_progress
-                )
-                log.info(
-                    "run.started",
-                    run_id=result.run_id,
-                    source=str(source_at),
-                    sink=str(sink_at),
-                    auth=settings.auth,
-                    concurrency=settings.concurrency,
-                )
-                try:
-                    await stopper.run(pipeline)
-                except ConfigError as error:
-                    result.exit_code, result.error = EXIT_CONFIG, str(error)
-                if result.exit_code == EXIT_DONE and (
-                    pipeline.work_remains or result.stats.interrupted or stopper.requested
-                ):
-                    result.exit_code = EXIT_WORK_REMAINS
-                result.rate_limits = budgets.snapshot()
-                if result.rate_limits:
-                    log.info("run.rate_limits", deployments=result.rate_limits)
-                result.ended = time.time()
-                try:
-                    result.manifest = await sink.write_manifest(result.run_id, manifest(result, settings))
-                except Exception as exc:  # noqa: BLE001 - the results are written; a missing manifest is reported
-                    log.warning("run.manifest_failed", error=type(exc).__name__, detail=str(exc)[:300])
+            await _run(settings, result, stopper, on_progress)
+        except Stopped:
+            result.exit_code = EXIT_WORK_REMAINS
+            result.error = "stopped by a signal before the work began; the next run does it"
         except ConfigError as error:
             result.exit_code, result.error = EXIT_CONFIG, str(error)
         except Exception as exc:  # noqa: BLE001 - e.g. storage unreachable: nothing is lost, a rerun resumes
@@ -211,11 +186,53 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
     return result
 
 
+async def _run(
+    settings: Settings, result: RunResult, stopper: Stopper, on_progress: Callable[[int], None]
+) -> None:
+    settings.require("source", "sink", "endpoint")
+    source_at = parse_location(settings.source or "", what="--source")
+    sink_at = parse_location(settings.sink or "", what="--sink")
+    async with open_clients(settings) as clients:
+        sink = clients.sink(sink_at)
+        await stopper.startup(sink.prepare())
+        budgets = Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency)
+        health = Health(outage_seconds=settings.outage_seconds)
+        pipeline = _pipeline(
+            settings, clients, sink, budgets, health, result.stats, source_at, sink_at, on_progress
+        )
+        log.info(
+            "run.started",
+            run_id=result.run_id,
+            source=str(source_at),
+            sink=str(sink_at),
+            auth=settings.auth,
+            concurrency=settings.concurrency,
+        )
+        try:
+            await stopper.run(pipeline)
+        except ConfigError as error:
+            result.exit_code, result.error = EXIT_CONFIG, str(error)
+        if result.exit_code == EXIT_DONE and (
+            pipeline.work_remains or result.stats.interrupted or stopper.requested
+        ):
+            result.exit_code = EXIT_WORK_REMAINS
+        await stopper.cleanup(pipeline.release_claimed_units(), "unit.release_failed")
+        result.rate_limits = budgets.snapshot()
+        if result.rate_limits:
+            log.info("run.rate_limits", deployments=result.rate_limits)
+        result.ended = time.time()
+        document = manifest(result, settings)
+        result.manifest = await stopper.cleanup(
+            sink.write_manifest(result.run_id, document), "run.manifest_failed"
+        )
+
+
 def _pipeline(
     settings: Settings,
     clients: Clients,
     sink: Sink,
     budgets: Budgets,
+    health: Health,
     stats: RunStats,
     source_at: Location,
     sink_at: Location,
@@ -225,6 +242,7 @@ def _pipeline(
         clients.openai,
         tokens=clients.tokens if clients.uses_entra_for_openai else None,
         budgets=budgets,
+        health=health,
         stats=stats,
         default_deployment=settings.deployment,
         max_attempts=settings.max_attempts,
@@ -236,6 +254,7 @@ def _pipeline(
         caller=caller,
         limits=PipelineLimits(
             concurrency=settings.concurrency,
+            lease_seconds=settings.lease_seconds,
             max_prompt_bytes=settings.max_prompt_bytes,
             max_jsonl_bytes=settings.max_jsonl_bytes,
             system_prompt=settings.system_prompt,
@@ -248,23 +267,36 @@ def _pipeline(
 
 
 HARD_STOP_GRACE_SECONDS = 4.0
+STOP_DEADLINE_SECONDS = 26.0  # after the first signal: leases and manifest are given up by then
+CLEANUP_SECONDS = 60.0  # without a signal: how long the final writes may take
 TELEMETRY_FLUSH_AFTER_SIGNAL_SECONDS = 2.0  # after SIGTERM most of the platform's 30 s are spent
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """A signal stopped the run before its work began."""
 
 
 class Stopper:
     """SIGTERM/SIGINT handling, installed before anything else (Python as PID 1 ignores SIGTERM otherwise).
 
-    First signal: the pipeline stops taking work and gets `drain_seconds` for in-flight calls, then
-    writes what finished. If it is still running `HARD_STOP_GRACE_SECONDS` after that, it is cancelled so
-    the process exits well inside the platform's 30 s; unwritten items are simply redone by the next run.
+    What a signal does depends on the phase the run is in:
+    - start-up (`startup`: credential, sink checks): the step is cancelled at once (`Stopped`).
+    - the pipeline (`run`): it stops taking work and gets `drain_seconds` for in-flight calls, then
+      writes what finished; still running `HARD_STOP_GRACE_SECONDS` after that (or at once when nothing
+      is in flight), it is cancelled. Unwritten items are simply redone by the next run.
+    - the final writes (`cleanup`): each is bounded by what is left until `STOP_DEADLINE_SECONDS`.
     A second signal skips the drain.
     """
 
     def __init__(self, drain_seconds: float) -> None:
         self._drain = drain_seconds
         self._pipeline: Pipeline | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._hard_stop: asyncio.TimerHandle | None = None
+        self._current: asyncio.Future[Any] | None = None
+        self._cancelling: asyncio.Future[Any] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._signalled_at: float | None = None
         self.requested = 0
         self.hard_stopped = False
 
@@ -278,34 +310,83 @@ class Stopper:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        if self._hard_stop is not None:
-            self._hard_stop.cancel()
+        for timer in self._timers:
+            timer.cancel()
 
     def _on_signal(self, signum: signal.Signals) -> None:
         self.requested += 1
         log.warning("run.signal", signal=signum.name, count=self.requested)
+        loop = asyncio.get_running_loop()
+        if self._signalled_at is None:
+            self._signalled_at = loop.time()
+        if self._pipeline is None:
+            self._cancel_current()  # start-up: nothing is in flight
+            return
         drain = self._drain if self.requested == 1 else 0.0
-        if self._pipeline is not None:
-            self._pipeline.request_stop(drain)
-        if self.requested == 1:
-            loop = asyncio.get_running_loop()
-            self._hard_stop = loop.call_later(drain + HARD_STOP_GRACE_SECONDS, self._cancel)
+        self._pipeline.request_stop(drain)
+        if self._pipeline.idle or self.requested > 1:
+            self._timers.append(
+                loop.call_later(HARD_STOP_GRACE_SECONDS if drain else 0.0, self._cancel_current)
+            )
+        elif self.requested == 1:
+            self._timers.append(loop.call_later(drain + HARD_STOP_GRACE_SECONDS, self._cancel_current))
 
-    def _cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            log.warning("run.hard_stop", reason="drain deadline passed")
-            self.hard_stopped = True
-            self._task.cancel()
+    def _cancel_current(self) -> None:
+        current = self._current
+        if current is not None and not current.done():
+            if self._pipeline is not None and current is self._pipeline_task:
+                log.warning("run.hard_stop", reason="drain deadline passed")
+                self.hard_stopped = True
+            self._cancelling = current
+            current.cancel()
+
+    _pipeline_task: asyncio.Future[Any] | None = None
+
+    async def _guard(self, awaitable: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(awaitable)
+        self._current = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if self._cancelling is task:
+                raise Stopped from None
+            task.cancel()
+            raise
+        finally:
+            self._current = None
+
+    async def startup(self, awaitable: Awaitable[T]) -> T:
+        """A start-up step: a signal cancels it at once (raises Stopped)."""
+        if self.requested:
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()
+            raise Stopped
+        return await self._guard(awaitable)
 
     async def run(self, pipeline: Pipeline) -> None:
         """Run the pipeline under this stopper; a hard stop returns normally with work remaining."""
         self._pipeline = pipeline
         if self.requested:
             pipeline.request_stop(0)
-        self._task = asyncio.ensure_future(pipeline.run())
+        self._pipeline_task = asyncio.ensure_future(pipeline.run())
         try:
-            await self._task
-        except asyncio.CancelledError:
-            if not self.hard_stopped:
-                raise
+            await self._guard(self._pipeline_task)
+        except Stopped:
             pipeline.work_remains = True
+
+    async def cleanup(self, awaitable: Awaitable[T], failure_event: str) -> T | None:
+        """A final write, best effort: bounded by CLEANUP_SECONDS, or by what is left until
+        STOP_DEADLINE_SECONDS after a signal. Failures are logged as `failure_event`; None then."""
+        timeout = CLEANUP_SECONDS
+        if self._signalled_at is not None:
+            timeout = self._signalled_at + STOP_DEADLINE_SECONDS - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._guard(awaitable), max(0.0, timeout))
+        except (TimeoutError, Stopped):
+            log.warning(
+                failure_event, error="TimeoutError", detail=f"gave up after {max(0.0, timeout):.1f} s"
+            )
+        except Exception as exc:  # noqa: BLE001 - the results are written; a missing manifest is reported
+            log.warning(failure_event, error=type(exc).__name__, detail=str(exc)[:300])
+        return None

@@ -48,7 +48,7 @@ class RunStats:
     interrupted: int = 0
     units_done: int = 0
     units_skipped: int = 0
-    units_held_elsewhere: int = 0
+    units_held: int = 0
     requests: int = 0
     retries: int = 0
     throttled: int = 0
@@ -75,6 +75,7 @@ class RunStats:
             "failed": self.failed,
             "skipped": self.skipped,
             "interrupted": self.interrupted,
+            "held": self.units_held,
             "requests": self.requests,
             "retries": self.retries,
             "throttled": self.throttled,

@@ -14,6 +14,7 @@ still in flight: they are "interrupted", not failed, and the next run picks them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import structlog
 
 from worker import formats
 from worker.calls import Caller, Outcome
-from worker.errors import ConfigError, LeaseLost
+from worker.errors import ConfigError, DeploymentDown, LeaseLost, Unfinished, UnitHeld
 from worker.formats import Duplicate, Parsed, Rejected, Request
 from worker.metrics import RunStats
 from worker.storage import ClaimedUnit, Sink, Source, SourceFile
@@ -33,6 +34,7 @@ log = structlog.get_logger("worker.pipeline")
 @dataclass(frozen=True, kw_only=True)
 class PipelineLimits:
     concurrency: int
+    lease_seconds: float
     max_prompt_bytes: int
     max_jsonl_bytes: int
     system_prompt: str | None
@@ -149,8 +151,10 @@ class Pipeline:
         self._exclude = exclude
         self._on_progress = on_progress
         self._slots = asyncio.Semaphore(limits.concurrency)
+        self._busy = 0  # slots held: calls in flight and answers not yet written
         self._open_units = asyncio.Semaphore(max(4, 2 * limits.concurrency))
         self._calls: set[asyncio.Task[Outcome]] = set()
+        self._claimed: set[ClaimedUnit] = set()
         self._stopping = asyncio.Event()
         self._drain_timer: asyncio.TimerHandle | None = None
         self.work_remains = False
@@ -165,6 +169,27 @@ class Pipeline:
         self._stopping.set()
         log.warning("run.stopping", in_flight=len(self._calls), drain_seconds=drain_seconds)
         self._drain_timer = asyncio.get_running_loop().call_later(drain_seconds, self._cancel_calls)
+
+    @property
+    def idle(self) -> bool:
+        """No call is in flight and no answer waits to be written."""
+        return self._busy == 0
+
+    def _free_slot(self) -> None:
+        self._busy -= 1
+        self._slots.release()
+
+    def stop_taking_work(self, reason: str) -> None:
+        """Dispatch nothing more; calls in flight run to their end (no drain deadline)."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.work_remains = True
+            log.warning("run.stopping", reason=reason, in_flight=len(self._calls))
+
+    async def release_claimed_units(self) -> None:
+        """Best effort, after a hard stop: give up the claims of units that were not closed."""
+        units, self._claimed = list(self._claimed), set()
+        await asyncio.gather(*(unit.release() for unit in units), return_exceptions=True)
 
     def _cancel_calls(self) -> None:
         for task in list(self._calls):
@@ -214,11 +239,21 @@ class Pipeline:
             raise self.fatal
 
     async def _run_unit(self, file: SourceFile) -> None:
+        """Claim one unit and work it; called holding an open-unit slot, which it releases."""
         try:
-            unit = await self._sink.claim(formats.result_path(file.path))
+            unit = await self._claim(formats.result_path(file.path))
         except ConfigError as error:
             self._open_units.release()
             self._fail(error)
+            return
+        except UnitHeld:
+            self._open_units.release()
+            if self._stopping.is_set():
+                self.work_remains = True
+                log.info("unit.left_held", file=file.path, reason="stopping")
+            else:
+                self._stats.units_held += 1
+                log.info("unit.held", file=file.path, reason="another live process keeps renewing its lease")
             return
         except Exception as exc:  # noqa: BLE001 - one unit's storage trouble does not stop the others
             self._open_units.release()
@@ -227,13 +262,46 @@ class Pipeline:
             return
         if unit is None:
             self._open_units.release()
-            self._stats.units_held_elsewhere += 1
-            log.info("unit.held_elsewhere", file=file.path)
+            self._stats.units_skipped += 1
+            log.info("unit.finished_elsewhere", file=file.path)
             return
+        self._claimed.add(unit)
         try:
             await self._work_unit(file, unit)
         finally:
+            self._claimed.discard(unit)
             self._open_units.release()
+
+    async def _claim(self, result_path: str) -> ClaimedUnit | None:
+        """Claim a unit; None when it is (or becomes) finished.
+
+        While another process holds it, the open-unit slot is given up and the claim is tried again
+        every few seconds: a dead holder's lease runs out within `lease_seconds`, and then this run takes
+        the unit over. A holder that keeps its claim for longer than a full lease period is alive
+        (it renews): UnitHeld is raised, as it is when the run is stopping.
+        """
+        try:
+            return await self._sink.claim(result_path)
+        except UnitHeld:
+            pass
+        self._open_units.release()
+        try:
+            loop = asyncio.get_running_loop()
+            held_since = loop.time()
+            poll = max(1.0, self._limits.lease_seconds / 6)
+            log.info("unit.held_elsewhere", result=result_path, polling_every_s=poll)
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), poll)
+                if self._stopping.is_set():
+                    raise UnitHeld(result_path)
+                try:
+                    return await self._sink.claim(result_path)
+                except UnitHeld:
+                    if loop.time() - held_since > self._limits.lease_seconds + poll:
+                        raise
+        finally:
+            await self._open_units.acquire()
 
     async def _work_unit(self, file: SourceFile, unit: ClaimedUnit) -> None:
         writer = UnitWriter(unit, self._stats, self._on_progress)
@@ -280,8 +348,9 @@ class Pipeline:
                         complete = False
                         break
                     await self._slots.acquire()
+                    self._busy += 1
                     if self._stopping.is_set():
-                        self._slots.release()
+                        self._free_slot()
                         complete = False
                         break
                     call = asyncio.create_task(self._caller.call(parsed))
@@ -320,6 +389,8 @@ class Pipeline:
                         error=type(writer.failed).__name__,
                         detail=str(writer.failed)[:300],
                     )
+            if isinstance(writer.failed, ConfigError):
+                self._fail(writer.failed)
         except ConfigError as error:
             self._fail(error)
         except Exception as exc:  # noqa: BLE001 - the results are written; the marker is retried next run
@@ -327,33 +398,36 @@ class Pipeline:
             log.warning("unit.close_failed", error=type(exc).__name__, detail=str(exc)[:300])
 
     async def _record(self, request: Request, call: asyncio.Task[Outcome], writer: UnitWriter) -> None:
-        """Wait for one call and queue its result line; a cancelled call is interrupted, not failed.
+        """Wait for one call and queue its result line; an item that gets no line is interrupted.
 
-        The call slot is released when the line is written, not when the answer arrives.
+        The call slot is released when the line is written, not when the answer arrives; on every
+        other path it is released here.
         """
+        handed_over = False
         try:
             outcome = await asyncio.shield(call)
+            if outcome.error is not None:
+                log.warning("item.failed", custom_id=request.custom_id, code=outcome.error["code"])
+            line = formats.result_line(request.custom_id, response=outcome.response, error=outcome.error)
+            writer.add(line, None if outcome.error is None else outcome.error["code"], self._free_slot)
+            handed_over = True
         except asyncio.CancelledError:
             call.cancel()
-            writer.interrupt()
-            self._slots.release()
-            return
         except ConfigError as error:
             self._fail(error)
-            writer.interrupt()
-            self._slots.release()
-            return
+        except DeploymentDown as down:
+            if down.deployment == self._caller.default_deployment:
+                self.stop_taking_work(str(down))
+        except Unfinished as unfinished:
+            log.warning("item.unfinished", custom_id=request.custom_id, reason=str(unfinished))
         except Exception as exc:  # noqa: BLE001 - an unexpected failure leaves the item for the next run
             log.error(
                 "item.crashed", custom_id=request.custom_id, error=type(exc).__name__, detail=str(exc)[:300]
             )
-            writer.interrupt()
-            self._slots.release()
-            return
-        if outcome.error is not None:
-            log.warning("item.failed", custom_id=request.custom_id, code=outcome.error["code"])
-        line = formats.result_line(request.custom_id, response=outcome.response, error=outcome.error)
-        writer.add(line, None if outcome.error is None else outcome.error["code"], self._slots.release)
+        finally:
+            if not handed_over:
+                writer.interrupt()
+                self._free_slot()
 
     async def _items(self, file: SourceFile) -> AsyncIterator[Parsed]:
         kind = formats.input_kind(file.path)

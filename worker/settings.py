@@ -29,6 +29,8 @@ AuthMode = Literal[
 ]
 AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
 LogFormat = Literal["auto", "json", "console"]
+MAX_DRAIN_SECONDS = 18.0
+"""SIGTERM gives 30 s: a drain of at most this, 4 s to write what finished, then leases and the manifest."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +93,7 @@ OPTIONS: tuple[Option, ...] = (
         flag="--max-attempts",
         env=("WORKER_MAX_ATTEMPTS",),
         job_key="limits.max_attempts",
-        help="Attempts per item before a final error record is written.",
+        help="Failed attempts per item (5xx, timeouts, while the deployment answers other calls) before the item is left `interrupted` for the next run; 429s and outages do not spend attempts.",
     ),
     Option(
         name="tpm",
@@ -112,7 +114,14 @@ OPTIONS: tuple[Option, ...] = (
         flag="--drain-seconds",
         env=("WORKER_DRAIN_SECONDS",),
         job_key="limits.drain_seconds",
-        help="On SIGTERM/SIGINT, seconds to let in-flight calls finish before they are abandoned for a rerun.",
+        help=f"On SIGTERM/SIGINT, seconds to let in-flight calls finish before they are abandoned for a rerun (at most {MAX_DRAIN_SECONDS:g}, so that the final writes fit the platform's 30 s).",
+    ),
+    Option(
+        name="outage_seconds",
+        flag="--outage-seconds",
+        env=("WORKER_OUTAGE_SECONDS",),
+        job_key="limits.outage_seconds",
+        help="How long a deployment may keep failing (5xx, timeouts, connection errors) before the run stops taking work and exits 1; until then items wait without spending attempts.",
     ),
     Option(
         name="lease_seconds",
@@ -206,7 +215,8 @@ class Settings(BaseModel):
     max_attempts: int = Field(default=6, ge=1, le=100)
     tpm: int | None = Field(default=None, ge=1)
     rpm: int | None = Field(default=None, ge=1)
-    drain_seconds: float = Field(default=20.0, ge=0, le=25)
+    drain_seconds: float = Field(default=15.0, ge=0)
+    outage_seconds: float = Field(default=300.0, gt=0)
     lease_seconds: int = Field(default=30, ge=15, le=60)
     price_input_per_million: float | None = Field(default=None, ge=0)
     price_output_per_million: float | None = Field(default=None, ge=0)
@@ -221,6 +231,11 @@ class Settings(BaseModel):
     job_file: str | None = None
     max_prompt_bytes: int = 8 * 1024 * 1024
     max_jsonl_bytes: int = 200 * 1024 * 1024
+
+    @field_validator("drain_seconds")
+    @classmethod
+    def _drain_fits_the_stop_deadline(cls, value: float) -> float:
+        return min(value, MAX_DRAIN_SECONDS)
 
     @field_validator("endpoint")
     @classmethod

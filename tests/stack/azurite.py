@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from pathlib import Path
 
@@ -79,6 +81,16 @@ class Azurite:
         if self._process is not None:
             self._process.stop(graceful=graceful)
             self._process = None
+
+    def freeze(self) -> None:
+        """Suspend Azurite (SIGSTOP): connections are accepted by the kernel but never answered."""
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Resume a frozen Azurite (SIGCONT)."""
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         """Stop and start again on the same port with the same data."""

@@ -434,6 +434,13 @@ class LocalStack:
         """Start Azurite again on the same port with the same data."""
         self._started_azurite.start()
 
+    def freeze_azurite(self) -> None:
+        """Make storage hang: Azurite is suspended until `thaw_azurite`."""
+        self._started_azurite.freeze()
+
+    def thaw_azurite(self) -> None:
+        self._started_azurite.thaw()
+
     def restart_azurite(self) -> None:
         """Stop and start Azurite on the same port, keeping its data."""
         self._started_azurite.restart()

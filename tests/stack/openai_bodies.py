@@ -31,6 +31,21 @@ DEPLOYMENT_NOT_FOUND = {
         "If you created the deployment within the last 5 minutes, please wait a moment and try again.",
     }
 }
+
+
+def operation_not_supported(operation: str, deployment: str) -> dict[str, Any]:
+    """400 for an operation the deployment's model does not do (chat on an embeddings model)."""
+    name = "chatCompletion" if operation == "chat" else "embeddings"
+    return {
+        "error": {
+            "code": "OperationNotSupported",
+            "message": f"The {name} operation does not work with the specified model, {deployment}. "
+            "Please choose different model and try again. You can learn more about which models can be "
+            "used with each operation here: https://go.microsoft.com/fwlink/?linkid=2197993.",
+        }
+    }
+
+
 SERVER_ERROR_500 = {
     "error": {
         "message": "The server had an error while processing your request. Sorry about that!",

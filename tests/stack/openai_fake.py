@@ -27,6 +27,7 @@ from .tokens import COGNITIVE_SERVICES_AUDIENCE, InvalidTokenError, TokenMint
 JSON_TYPE = "application/json"
 FILTER_PROMPT_MARKER = "FILTER_ME"
 FILTER_OUTPUT_MARKER = "FILTER_OUTPUT"
+FAIL_PROMPT_MARKER = "ALWAYS_500"  # a prompt holding this always gets a 500 (a "poison" item)
 
 
 @dataclass
@@ -65,6 +66,12 @@ class OpenAIConfig:
     """Seed of the RNG behind error_rate, hang_rate and jitter."""
     embedding_dimensions: int = 8
     """Length of the deterministic embedding vectors."""
+    outage_status: int = 0
+    """While non-zero, every API request is answered with this status (503: the ServiceUnavailable body)."""
+    outage_drop: bool = False
+    """While true, every API request has its connection dropped without an answer."""
+    api_versions: list[str] = field(default_factory=list)
+    """Accepted api-version values; any other gets 404 Resource not found. Empty = accept any."""
 
 
 @dataclass
@@ -186,8 +193,13 @@ class FakeAzureOpenAI:
 
     async def _answer(self, request: web.Request, operation: str) -> web.Response:
         config = self.config
+        if config.outage_drop and request.transport is not None:
+            request.transport.abort()
+            raise _Reply(503, bodies.SERVICE_UNAVAILABLE_503)  # counted; nobody receives it
+        if config.outage_status:
+            raise _Reply(config.outage_status, bodies.SERVICE_UNAVAILABLE_503)
         api_version = request.query.get("api-version")
-        if not api_version:
+        if not api_version or (config.api_versions and api_version not in config.api_versions):
             raise _Reply(404, bodies.RESOURCE_NOT_FOUND)
         deployment = request.match_info["deployment"]
         if deployment not in config.deployments:
@@ -200,6 +212,8 @@ class FakeAzureOpenAI:
             raise _Reply(400, bodies.invalid_request_400(f"Invalid JSON body: {error}")) from None
         if not isinstance(body, dict):
             raise _Reply(400, bodies.invalid_request_400("The request body must be a JSON object."))
+        if (operation == "chat") == ("embedding" in deployment):
+            raise _Reply(400, bodies.operation_not_supported(operation, deployment))
         if operation == "chat":
             return await self._chat_answer(body, deployment, api_version)
         return await self._embeddings_answer(body, deployment, api_version)
@@ -246,6 +260,8 @@ class FakeAzureOpenAI:
         await self._maybe_fail()
         if FILTER_PROMPT_MARKER in prompt:
             raise _Reply(400, bodies.PROMPT_FILTERED_400)
+        if FAIL_PROMPT_MARKER in prompt:
+            raise _Reply(500, bodies.SERVER_ERROR_500)
         content = "ECHO: " + last_user
         completion_tokens = _tokens(len(content))
         await self._sleep_latency(completion_tokens)

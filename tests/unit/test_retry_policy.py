@@ -6,7 +6,15 @@ import httpx2
 import openai
 import pytest
 
-from worker.calls import Verdict, backoff_seconds, classify, error_code, server_wait_seconds
+from worker.calls import (
+    MAX_SERVER_WAIT_SECONDS,
+    Verdict,
+    backoff_seconds,
+    classify,
+    error_code,
+    retry_delay,
+    server_wait_seconds,
+)
 
 REQUEST = httpx2.Request("POST", "https://example.openai.azure.com/openai/deployments/d/chat/completions")
 
@@ -22,14 +30,17 @@ def status_error(status: int, body: object) -> openai.APIStatusError:
 @pytest.mark.parametrize(
     ("status", "body", "verdict"),
     [
-        (429, {"error": {"code": "429", "message": "slow down"}}, Verdict.RETRY),
+        (429, {"error": {"code": "429", "message": "slow down"}}, Verdict.THROTTLED),
         (500, {"error": {"code": "InternalServerError"}}, Verdict.RETRY),
         (503, {}, Verdict.RETRY),
         (408, {}, Verdict.RETRY),
         (401, {"statusCode": 401, "message": "Unauthorized."}, Verdict.REAUTH),
         (403, {"error": {"code": "PermissionDenied"}}, Verdict.FATAL),
-        (404, {"error": {"code": "DeploymentNotFound"}}, Verdict.FATAL),
-        (404, {"error": {"code": "404"}}, Verdict.FINAL),
+        (404, {"error": {"code": "DeploymentNotFound"}}, Verdict.MISCONFIGURED),
+        (404, {"error": {"code": "404", "message": "Resource not found"}}, Verdict.MISCONFIGURED),
+        (400, {"error": {"code": "OperationNotSupported"}}, Verdict.MISCONFIGURED),
+        (409, {}, Verdict.RETRY),
+        (502, {}, Verdict.RETRY),
         (400, {"error": {"code": "content_filter", "message": "filtered"}}, Verdict.FINAL),
         (400, {"error": {"code": "context_length_exceeded"}}, Verdict.FINAL),
     ],
@@ -54,6 +65,10 @@ def test_error_code_from_nested_and_flat_bodies() -> None:
         ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
         ({"retry-after": "4"}, 4.0),
         ({}, None),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after": "Mon, 99 Foo 2026"}, None),
+        ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+        ({"retry-after-ms": "-5"}, 0.0),
     ],
 )
 def test_server_wait_prefers_milliseconds(headers: dict[str, str], expected: float | None) -> None:
@@ -74,3 +89,13 @@ def test_backoff_grows_and_is_capped_with_jitter() -> None:
     assert 2.0 <= waits[3] <= 4.0
     assert all(w <= 30 for w in waits)
     assert waits[-1] >= 15
+
+
+def test_retry_delay_takes_the_servers_wait_unless_it_is_too_long() -> None:
+    asked = status_error(503, {})
+    asked.response.headers["retry-after"] = "7"
+    assert retry_delay(asked, 1) == 7.0
+    daily = status_error(503, {})
+    daily.response.headers["retry-after"] = str(int(MAX_SERVER_WAIT_SECONDS) * 10)
+    assert retry_delay(daily, 1) <= 0.5  # backoff instead of hours
+    assert 0.25 <= retry_delay(openai.APITimeoutError(request=REQUEST), 1) <= 0.5

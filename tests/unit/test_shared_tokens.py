@@ -8,7 +8,7 @@ from azure.core.credentials import AccessToken, AccessTokenInfo, TokenRequestOpt
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 
 from worker.errors import ConfigError
-from worker.identity import SharedTokens
+from worker.identity import SharedTokens, TokenEndpointUnavailable, is_transient
 
 
 class CountingCredential:
@@ -77,11 +77,64 @@ async def test_a_credential_that_refuses_claims_is_asked_again_without_them() ->
     assert "claims" not in credential.requests[1]
 
 
-async def test_an_unreachable_token_endpoint_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("worker.identity.TOKEN_ENDPOINT_RETRY_WAITS", (0.01, 0.01))
-    credential = CountingCredential(unreachable=2)
+async def test_waiters_of_a_failed_fetch_share_its_outcome() -> None:
+    credential = CountingCredential(unreachable=100)
     tokens = SharedTokens(credential)  # type: ignore[arg-type]
-    assert (await tokens.token("s")).token == "token-1"
+    outcomes = await asyncio.gather(*(tokens.token("s") for _ in range(50)), return_exceptions=True)
+    assert all(isinstance(o, TokenEndpointUnavailable) for o in outcomes)
+    assert isinstance(outcomes[0], ServiceRequestError)  # so the callers' retry layers retry it
+    assert credential.unreachable == 99  # one request to the endpoint for fifty callers
+
+
+async def test_a_failed_refresh_ahead_keeps_serving_the_valid_token() -> None:
+    credential = CountingCredential(lifetime=120)  # valid, but inside the refresh margin
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    first = await tokens.token("s")
+    credential.unreachable = 1
+    assert (await tokens.token("s")).token == first.token
+    assert (await tokens.token("s")).token == first.token  # no new attempt before the retry time
+    assert credential.unreachable == 0
+    assert len(credential.requests) == 1
+
+
+async def test_an_expired_token_is_not_served_when_the_endpoint_fails() -> None:
+    credential = CountingCredential(lifetime=10)
+    tokens = SharedTokens(credential)  # type: ignore[arg-type]
+    await tokens.token("s")
+    credential.unreachable = 1
+    with pytest.raises(TokenEndpointUnavailable):
+        await tokens.token("s")
+
+
+@pytest.mark.parametrize(
+    ("message", "transient"),
+    [
+        (
+            "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+            "Attempted credentials:\n\tEnvironmentCredential: EnvironmentCredential authentication unavailable.\n"
+            "\tManagedIdentityCredential: Server disconnected\nTo mitigate this issue, ...",
+            True,
+        ),
+        (
+            "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+            "Attempted credentials:\n\tManagedIdentityCredential: Unable to load the proper Managed Identity.",
+            False,
+        ),
+        (
+            "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+            "Attempted credentials:\n\tEnvironmentCredential: AADSTS7000215: Invalid client secret provided.",
+            False,
+        ),
+        (
+            "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+            "Attempted credentials:\n\tEnvironmentCredential: EnvironmentCredential authentication unavailable.",
+            False,
+        ),
+        ("AADSTS700016: Application not found in the directory", False),
+    ],
+)
+def test_transient_and_definitive_credential_failures(message: str, transient: bool) -> None:
+    assert is_transient(ClientAuthenticationError(message)) is transient
 
 
 async def test_an_authentication_failure_is_a_config_error_naming_the_scope() -> None:

@@ -74,7 +74,7 @@ class Sink(Protocol):
         ...
 
     async def claim(self, result_path: str) -> ClaimedUnit | None:
-        """Claim a unit; None when another live process holds it or it was finished meanwhile."""
+        """Claim a unit; None when it was finished meanwhile; UnitHeld while another process holds it."""
         ...
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:

@@ -24,7 +24,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
-from worker.errors import AccessDenied, ConfigError, LeaseLost
+from worker.errors import AccessDenied, ConfigError, LeaseLost, UnitHeld
 from worker.formats import RESULT_SUFFIX, ResultScanner
 from worker.idset import FingerprintCounts
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
@@ -257,7 +257,7 @@ class BlobSink:
                 await lease.acquire(lease_duration=self._lease_seconds)
             except HttpResponseError as exc:
                 if exc.status_code == 409:
-                    return None
+                    raise UnitHeld(where) from None
                 raise
             try:
                 properties = await blob.get_blob_properties(lease=lease)

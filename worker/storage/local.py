@@ -12,7 +12,7 @@ from typing import Any
 
 import aiofiles
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, UnitHeld
 from worker.formats import ResultScanner
 from worker.idset import FingerprintCounts
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
@@ -136,7 +136,7 @@ class LocalSink:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return None
+            raise UnitHeld(str(result)) from None
         if marker.exists():
             os.close(fd)
             return None
