@@ -75,17 +75,26 @@ def classify(exc: BaseException) -> Verdict:
 
 
 def server_wait_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a response asks for: `retry-after-ms` first, then `retry-after` (seconds or HTTP date)."""
+    """The wait a response asks for: `retry-after-ms` first, then `retry-after` (seconds or HTTP date).
+
+    None when neither holds a usable wait: a value that is no number (nor, for `retry-after`, an HTTP
+    date), NaN or infinite is ignored, never raised.
+    """
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
         try:
-            return max(0.0, float(value) * scale)
+            seconds = float(value) * scale
         except ValueError:
-            when = email.utils.parsedate_to_datetime(value) if name == "retry-after" else None
-            if when is not None:
-                return max(0.0, when.timestamp() - time.time())
+            if name != "retry-after":
+                continue
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                continue
+        if seconds < float("inf"):  # False for NaN and infinity
+            return max(0.0, seconds)
     return None
 
 

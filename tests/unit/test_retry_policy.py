@@ -54,6 +54,13 @@ def test_error_code_from_nested_and_flat_bodies() -> None:
         ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
         ({"retry-after": "4"}, 4.0),
         ({}, None),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after": "Mon, 99 Foo 20xx"}, None),
+        ({"retry-after": ""}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "later", "retry-after": "2"}, 2.0),
+        ({"retry-after-ms": "-5"}, 0.0),
     ],
 )
 def test_server_wait_prefers_milliseconds(headers: dict[str, str], expected: float | None) -> None:
