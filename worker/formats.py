@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from worker.idset import FingerprintSet
+from worker.storage import MAX_LINE_BYTES, OverlongLine
 
 InputKind = Literal["prompt", "body", "batch"]
 KIND_BY_SUFFIX: dict[str, InputKind] = {".txt": "prompt", ".md": "prompt", ".json": "body", ".jsonl": "batch"}
@@ -140,10 +141,20 @@ class BatchFileParser:
         self.items = 0
 
     def parse_line(self, line_number: int, raw: bytes) -> Parsed | None:
-        """One line (1-based number); None for a blank line, which is not an item, or a held suspect."""
+        """One line (1-based number); None for a blank line, which is not an item, or a held suspect.
+
+        `raw` is an `OverlongLine` for a line longer than `storage.MAX_LINE_BYTES`."""
+        where = f"{self.path}:{line_number}"
+        if isinstance(raw, OverlongLine):  # split_lines kept none of it
+            self.items += 1
+            return Rejected(
+                where,
+                "line_too_large",
+                f"{where} is {raw.length:,} bytes; a line may hold {MAX_LINE_BYTES:,} (16 MiB) at most",
+                line_number,
+            )
         if not raw.strip():
             return None
-        where = f"{self.path}:{line_number}"
         record = self._record(raw)
         if isinstance(record, tuple):
             self.items += 1

@@ -1,11 +1,13 @@
 import asyncio
 import json
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
 
 from worker import formats
 from worker.formats import BatchFileParser, Duplicate, Rejected, Request
+from worker.storage import MAX_LINE_BYTES, OverlongLine, split_lines
 
 
 def line(**record: object) -> bytes:
@@ -203,3 +205,76 @@ def test_result_scanner_joins_lines_split_across_chunks() -> None:
     assert all(f"id-{i}" in scanner.ids for i in range(50))
     assert "torn" not in scanner.ids
     assert scanner.complete == len(data) - len(b'{"custom_id": "torn')
+
+
+# ---- over-long lines --------------------------------------------------------------------------------
+
+
+def lines_of(chunks: list[bytes], max_line: int) -> list[bytes]:
+    async def feed() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    async def collect() -> list[bytes]:
+        return [raw async for raw in split_lines(feed(), max_line)]
+
+    return asyncio.run(collect())
+
+
+def test_split_lines_cuts_anywhere_and_strips_line_endings() -> None:
+    data = b"one\r\ntwo\n\nthree\r\nfour"
+    for size in (1, 2, 3, 5, len(data)):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        got = lines_of(chunks, 100)
+        assert got == [b"one", b"two", b"", b"three", b"four"]
+        assert not any(isinstance(raw, OverlongLine) for raw in got)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 10, 11, 64])
+def test_a_line_over_the_cap_becomes_one_marker_in_its_place(size: int) -> None:
+    data = b"short\n" + b"x" * 25 + b"\nexactly-10\n" + b"y" * 11 + b"\r\nend\n" + b"z" * 40
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    got = lines_of(chunks, 10)
+    assert got == [b"short", b"", b"exactly-10", b"", b"end", b""]
+    assert [raw.length for raw in got if isinstance(raw, OverlongLine)] == [25, 12, 40]
+
+
+def test_an_over_long_line_is_never_held_whole() -> None:
+    async def feed() -> AsyncIterator[bytes]:
+        yield b"first\n"
+        for _ in range(2_000):
+            yield b"x" * 1_000  # a 2 MB line
+        yield b"\nlast"
+
+    async def collect() -> list[bytes]:
+        return [raw async for raw in split_lines(feed(), 10_000)]
+
+    tracemalloc.start()
+    try:
+        got = asyncio.run(collect())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == [b"first", b"", b"last"]
+    assert isinstance(got[1], OverlongLine)
+    assert got[1].length == 2_000_000
+    assert peak < 1_000_000  # the line was counted, not kept
+
+
+def test_an_over_long_line_is_rejected_and_keeps_its_line_number_on_the_second_pass() -> None:
+    lines = [
+        line(custom_id="a", url="/chat/completions", body=chat("one")),
+        OverlongLine(MAX_LINE_BYTES + 1),
+        line(custom_id="b", url="/chat/completions", body=chat("two")),
+        line(custom_id="a", url="/chat/completions", body=chat("again")),
+    ]
+    parser = BatchFileParser("big.jsonl", parameters={}, seen=EverythingLooksSeen())
+    outcomes = [o for o in parse_file(parser, lines) if o is not None]
+    too_large = [o for o in outcomes if isinstance(o, Rejected)]
+    assert [(o.custom_id, o.code, o.line) for o in too_large] == [("big.jsonl:2", "line_too_large", 2)]
+    assert (
+        too_large[0].message == "big.jsonl:2 is 16,777,217 bytes; a line may hold 16,777,216 (16 MiB) at most"
+    )
+    assert sorted((o.custom_id, o.line) for o in outcomes if isinstance(o, Request)) == [("a", 1), ("b", 3)]
+    assert [o for o in outcomes if isinstance(o, Duplicate)] == [Duplicate("a", 4)]
+    assert parser.items == 3
