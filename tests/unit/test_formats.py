@@ -356,6 +356,7 @@ HOSTILE_LINES = [
     line(custom_id="good", url="/chat/completions", body=chat("fine")),
     b"[" * 100_000,
     b'{"custom_id": "deep", "url": "/chat/completions", "body": ' + b"[" * 100_000 + b"}",
+    b'{"custom_id": "long-number", "url": "/chat/completions", "body": {"seed": ' + b"9" * 5_000 + b"}}",
 ]
 
 
@@ -380,8 +381,12 @@ def test_hostile_lines_are_rejected_with_their_identity_never_raised() -> None:
     assert [(o.custom_id, o.code) for o in outcomes[5:]] == [  # type: ignore[union-attr]
         ("h.jsonl:6", "invalid_json"),
         ("h.jsonl:7", "invalid_json"),
+        ("h.jsonl:8", "invalid_json"),
     ]
-    assert parser.items == 7
+    assert outcomes[7].message == (  # type: ignore[union-attr]
+        "h.jsonl:8 cannot be read as JSON: Exceeds the limit (4300 digits) for integer string conversion"
+    )
+    assert parser.items == 8
 
 
 def test_job_parameters_merged_into_a_line_are_validated_too() -> None:
@@ -410,6 +415,7 @@ def test_job_parameters_merged_into_a_line_are_validated_too() -> None:
         (b'{"messages": "a string"}', "b.json: body.messages must be a non-empty list"),
         (b'{"messages": [{"role": "user", "content": "x"}], "stream": true}', "b.json: body.stream is true"),
         (b"[" * 100_000, "b.json nests too deeply"),
+        (b"[" + b"1" * 5_000 + b"]", "b.json cannot be read as JSON: Exceeds the limit"),
     ],
 )
 def test_json_body_files_are_validated_like_lines(data: bytes, problem: str) -> None:
