@@ -28,7 +28,6 @@ import contextlib
 import email.utils
 import enum
 import json
-import math
 import random
 import time
 from collections.abc import Mapping
@@ -94,20 +93,24 @@ def classify(exc: BaseException) -> Verdict:
 def server_wait_seconds(headers: Mapping[str, str]) -> float | None:
     """The wait a response asks for: `retry-after-ms` first, then `retry-after` (seconds or HTTP date).
 
-    A value that is neither a number nor a date is ignored (None)."""
+    None when neither holds a usable wait: a value that is no number (nor, for `retry-after`, an HTTP
+    date), NaN or infinite is ignored, never raised.
+    """
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
-        with contextlib.suppress(ValueError, OverflowError):
+        try:
             seconds = float(value) * scale
-            if math.isfinite(seconds):
-                return max(0.0, seconds)
-            continue
-        if name == "retry-after":
-            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-                when = email.utils.parsedate_to_datetime(value)
-                return max(0.0, when.timestamp() - time.time())
+        except ValueError:
+            if name != "retry-after":
+                continue
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                continue
+        if seconds < float("inf"):  # False for NaN and infinity
+            return max(0.0, seconds)
     return None
 
 

@@ -7,19 +7,23 @@ window; `x-ratelimit-remaining-tokens`/`-requests` say what is left of that wind
 
 What the budget does, per deployment and per dimension (tokens, requests):
 
-- **Limit.** `--tpm/--rpm` when configured; else *learned* from the response headers: what the server
-  has left plus what this process itself sent in the window it counted (`remaining + own usage`) is the
-  window capacity available to us: the median of the last few samples, lowered at once, raised over
-  `LEARN_SECONDS` (it shrinks when another replica shares the quota). An `x-ratelimit-limit-*` header,
-  when present, is taken as the per-minute limit.
+- **Limit.** `--tpm/--rpm` when configured; else *learned* from the headers of successful answers: what
+  the server has left plus what this process itself sent in the window it counted (`remaining + own
+  usage`) is the window capacity available to us: the median of the last few samples, lowered at once,
+  raised over `LEARN_SECONDS` (it shrinks when another replica shares the quota). A 429's `remaining`
+  only says the window is full now, so it teaches nothing. An `x-ratelimit-limit-*` header above 0, on
+  any answer, is taken as the per-minute limit.
 - **Pacing.** Requests are spaced at the limit's rate (≤ 1 s of burst) and a log of what was sent
   mirrors Azure's sliding window, kept `GUARD_SECONDS` longer than Azure's so that network-delay jitter
   cannot push a request into a full window: ~99 % of the quota, without 429s.
 - **AIMD.** A 429 is a signal the limit is lower than assumed (unknown, misconfigured, shared): the rate
-  is cut to `DECREASE_FACTOR` × what was actually sent and regained linearly, per second by
-  `INCREASE_PER_SECOND` of the known limit (≈33 s from nothing back to it), or of the cut rate when no limit
-  is known (then without end, until the next 429). The server's retry-after pauses the whole deployment
-  (`pause`).
+  is cut to `DECREASE_FACTOR` × what was actually sent (× the limit when nothing was sent lately) and
+  regained linearly, per second by `INCREASE_PER_SECOND` of the known limit (≈33 s from nothing back to
+  it), or of the cut rate when no limit is known (then without end, until the next 429). With no limit
+  known and nothing admitted lately (a first answer that is a 429) there is nothing to cut from: the rate
+  stays unpaced. The server's retry-after pauses the whole deployment (`pause`).
+- **Floors.** Neither a learned limit nor a cut goes below `MIN_REQUESTS_PER_MINUTE` requests a minute
+  (in tokens: that many requests of the mean cost), so no answer can stop or starve a deployment.
 - **Window on requests in flight** (`admit`): grown by one per success (slow start), then by 1/window
   (congestion avoidance), only while it is the binding limit; halved on a 429 (once per round trip);
   never more than `LATENCY_HEADROOM` × the paced request rate × the observed latency (Little's law:
@@ -49,7 +53,8 @@ DECREASE_FACTOR = 0.7  # a 429 cuts the rate to this fraction of what was being 
 INCREASE_PER_SECOND = 0.03  # then it grows per second by this fraction of the known limit (else the cut rate)
 LEARN_SAMPLES = 9  # the learned capacity is the median of the last few header samples
 LEARN_SECONDS = 20.0  # and rises toward a higher estimate with this time constant
-MIN_PER_MINUTE = 1.0
+MIN_REQUESTS_PER_MINUTE = 6.0  # Azure's smallest deployment (1K TPM) allows 6 RPM
+MAX_ESTIMATE = 2**31  # a request's estimated cost never exceeds this many tokens
 INITIAL_WINDOW = 16
 MIN_WINDOW = 2
 WINDOW_DECREASE = 0.5
@@ -78,25 +83,44 @@ class MonotonicClock:
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
-    """Tokens Azure's limiter charges a request: ≈ characters/4 of the input, plus max_tokens."""
-    chars = 0
+    """Tokens Azure's limiter charges a request: ≈ characters/4 of the input, plus max_tokens.
+
+    Never raises, whatever the shape of the body: what is not text counts as nothing, a max_tokens that is
+    not a number as the default, and the estimate is capped at `MAX_ESTIMATE`.
+    """
     messages = body.get("messages")
     if isinstance(messages, list):
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):
-                chars += sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+        chars = sum(_text_chars(message.get("content")) for message in messages if isinstance(message, dict))
     else:
-        value = body.get("input")
-        chars += len(value) if isinstance(value, str) else sum(len(str(v)) for v in value or ())
+        chars = _input_chars(body.get("input"))
     completion = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
-    return (
-        math.ceil(chars / 4) + int(completion)
-        if isinstance(completion, int | float)
-        else math.ceil(chars / 4)
-    )
+    if isinstance(completion, bool) or not isinstance(completion, int | float) or not completion >= 0:
+        completion = DEFAULT_MAX_TOKENS  # NaN fails the comparison too
+    return min(MAX_ESTIMATE, math.ceil(chars / 4) + int(min(completion, MAX_ESTIMATE)))
+
+
+def _text_chars(content: object) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(part["text"])
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def _input_chars(value: object) -> int:
+    """Embeddings input: strings count by length, token ids as 4 characters each."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(
+            len(item) if isinstance(item, str) else 4 * len(item) if isinstance(item, list) else 4
+            for item in value
+        )
+    return 0
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
@@ -151,13 +175,17 @@ class Dimension:
             return known
         return cap if known is None else min(known, cap)
 
+    def _capacity(self, now: float) -> float | None:
+        """What one window admits at the pace of `limit(now)`; None = unpaced (also for a limit <= 0)."""
+        limit = self.limit(now)
+        return limit / WINDOW_FRACTION if limit is not None and limit > 0 else None
+
     def plan(self, cost: float, now: float) -> float:
         """When a request of `cost` may start (never earlier than the last one admitted)."""
         start = max(now, self._last)
-        limit = self.limit(now)
-        if limit is None:
+        capacity = self._capacity(now)
+        if capacity is None:
             return start
-        capacity = limit / WINDOW_FRACTION
         start = max(start, self._tat - BURST_SECONDS)
         self._advance(start)
         excess = self.recent_total + self._old_total + min(cost, capacity) - capacity
@@ -168,9 +196,8 @@ class Dimension:
     def commit(self, cost: float, start: float, now: float) -> list[float]:
         """Record a request of `cost` starting at `start` (>= `plan`'s answer); returns its log entry."""
         self._advance(start)
-        limit = self.limit(now)
-        if limit is not None:
-            capacity = limit / WINDOW_FRACTION
+        capacity = self._capacity(now)
+        if capacity is not None:
             cost = min(cost, capacity)
             self._tat = max(self._tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
         entry = [start, cost]
@@ -214,20 +241,23 @@ class Dimension:
             if not old:
                 self._old_total = 0.0
 
-    def learn(self, remaining: float | None, limit: float | None, usage: float, now: float) -> None:
+    def learn(
+        self, remaining: float | None, limit: float | None, usage: float, now: float, floor: float
+    ) -> None:
         """A response's headers: `limit` per minute if the server said it, else `remaining` in the window.
 
         `remaining + usage` is the window capacity left to this process: the deployment's, less what other
-        clients use. A lower estimate applies at once; a higher one is approached over LEARN_SECONDS, so
-        that clients sharing a quota do not all grab the same headroom at the same moment.
+        clients use. Neither is taken below `floor` per minute. A lower estimate applies at once; a higher one
+        is approached over LEARN_SECONDS, so that clients sharing a quota do not all grab the same headroom
+        at the same moment.
         """
         if limit is not None and limit > 0:
-            self.learned = limit
+            self.learned = max(floor, limit)
             self._learned_from_limit_header = True
             return
         if remaining is None or self._learned_from_limit_header:
             return
-        self._samples.append((remaining + usage) * WINDOW_FRACTION)
+        self._samples.append(max(floor, (remaining + usage) * WINDOW_FRACTION))
         ordered = sorted(self._samples)
         estimate = ordered[len(ordered) // 2]  # the median: robust to a sample off by a request in flight
         if self.learned is None or estimate <= self.learned:
@@ -236,14 +266,23 @@ class Dimension:
             self.learned += (estimate - self.learned) * min(1.0, (now - self._learned_at) / LEARN_SECONDS)
         self._learned_at = now
 
-    def decrease(self, now: float) -> None:
-        """A 429: pace at DECREASE_FACTOR × min(current limit, what was actually sent lately)."""
+    def decrease(self, now: float, floor: float) -> None:
+        """A 429: pace at DECREASE_FACTOR × min(current limit, what was actually sent lately), >= `floor`.
+
+        When nothing was sent lately, the cut is from the current limit; with no limit either, there is
+        nothing to cut from and the pace stays as it is (the server's retry-after pauses the deployment).
+        """
         self._advance(max(now, self._last))
         elapsed = max(1.0, min(WINDOW_SECONDS, now - (self._first if self._first is not None else now)))
         sent = self.recent_total / elapsed * 60.0
         current = self.limit(now)
-        base = sent if current is None else min(current, sent)
-        self._aimd_base = max(MIN_PER_MINUTE, DECREASE_FACTOR * base)
+        if sent > 0:
+            base = sent if current is None else min(current, sent)
+        elif current is not None:
+            base = current
+        else:
+            return
+        self._aimd_base = max(floor, DECREASE_FACTOR * base)
         self._aimd_at = now
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -467,18 +506,26 @@ class RateBudget:
 
     # ---- feedback ---------------------------------------------------------------------------------
 
-    def _observe(self, permit: Permit, headers: Mapping[str, str]) -> None:
+    def _observe(self, permit: Permit, headers: Mapping[str, str], *, refused: bool = False) -> None:
+        """Learn from an answer's headers; a refusal's `remaining` (the window is full) is no sample."""
         now = self.clock.now()
-        for dimension, name, usage in (
-            (self.tokens, "tokens", permit.usage[0]),
-            (self.requests, "requests", permit.usage[1]),
+        floors = self._floors()
+        for dimension, name, usage, floor in (
+            (self.tokens, "tokens", permit.usage[0], floors[0]),
+            (self.requests, "requests", permit.usage[1], floors[1]),
         ):
             dimension.learn(
-                _header_number(headers, REMAINING_HEADERS[name]),
+                None if refused else _header_number(headers, REMAINING_HEADERS[name]),
                 _header_number(headers, LIMIT_HEADERS[name]),
                 usage,
                 now,
+                floor,
             )
+
+    def _floors(self) -> tuple[float, float]:
+        """The lowest (tokens, requests) per minute a limit is learned or cut to."""
+        mean_cost = max(1.0, self._mean_cost or 1.0)
+        return MIN_REQUESTS_PER_MINUTE * mean_cost, MIN_REQUESTS_PER_MINUTE
 
     def _finish(self, permit: Permit, exc: BaseException | None) -> None:
         now = self.clock.now()
@@ -496,7 +543,7 @@ class RateBudget:
                 self.requests.refund(requests)
             headers = getattr(getattr(exc, "response", None), "headers", None)
             if isinstance(headers, Mapping):
-                self._observe(permit, headers)
+                self._observe(permit, headers, refused=True)
             self._throttled(permit, now)
         self._update_needed()
         self._release_slot()
@@ -508,7 +555,7 @@ class RateBudget:
         if window_was_full and self.window < self.max_window:
             # Grow only while the window is what holds requests back (else it would grow unboundedly):
             # by one per success in slow start, else by one per window's worth of successes.
-            step = 1.0 if self._slow_start else 1.0 / int(self.window + 1e-9)
+            step = 1.0 if self._slow_start else 1.0 / max(1, int(self.window + 1e-9))
             self.window = min(float(self.max_window), self.window + step)
 
     def _throttled(self, permit: Permit, now: float) -> None:
@@ -518,8 +565,9 @@ class RateBudget:
         self._last_cut = now
         self._slow_start = False
         self.window = max(float(MIN_WINDOW), min(self.window, WINDOW_DECREASE * self.in_flight))
-        self.tokens.decrease(now)
-        self.requests.decrease(now)
+        tokens_floor, requests_floor = self._floors()
+        self.tokens.decrease(now, tokens_floor)
+        self.requests.decrease(now, requests_floor)
 
 
 class Budgets:

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from worker.errors import ConfigError
+from worker.formats import parameters_problem
 
 AuthMode = Literal[
     "auto",
@@ -275,6 +276,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
         if section == "parameters":
             if not isinstance(content, dict):
                 raise ConfigError(f"job file {path}: [parameters] must be a table of request parameters")
+            problem = parameters_problem(content)
+            if problem is not None:
+                raise ConfigError(f"job file {path}: {problem}")
             values["parameters"] = content
         elif isinstance(content, dict) and section in ("job", "limits", "pricing"):
             for key, value in content.items():

@@ -72,6 +72,10 @@ class OpenAIConfig:
     """While true, every API request has its connection dropped without an answer."""
     api_versions: list[str] = field(default_factory=list)
     """Accepted api-version values; any other gets 404 Resource not found. Empty = accept any."""
+    force_429_remaining: int = UNLIMITED_REMAINING
+    """x-ratelimit-remaining-tokens and -requests of a forced 429 (0: the window is full)."""
+    rate_headers: bool = True
+    """Send x-ratelimit-* headers; False answers as behind a gateway that strips them."""
 
 
 @dataclass
@@ -278,7 +282,7 @@ class FakeAzureOpenAI:
         else:
             stats.answered.add(last_user)
         self._count_success(prompt_tokens, completion_tokens)
-        return _json_response(200, answer, _quota_headers(decision))
+        return _json_response(200, answer, self._quota_headers(decision))
 
     async def _embeddings_answer(
         self, body: dict[str, Any], deployment: str, api_version: str
@@ -309,14 +313,15 @@ class FakeAzureOpenAI:
             prompt_tokens=prompt_tokens,
         )
         self._count_success(prompt_tokens, 0)
-        return _json_response(200, answer, _quota_headers(decision))
+        return _json_response(200, answer, self._quota_headers(decision))
 
     def _admit(self, deployment: str, operation: str, api_version: str, cost: int) -> Decision:
         config = self.config
         if config.force_429 > 0:
             config.force_429 -= 1
             retry_after_ms = config.force_429_retry_after_ms
-            decision = Decision(False, UNLIMITED_REMAINING, UNLIMITED_REMAINING, retry_after_ms, "tokens")
+            remaining = config.force_429_remaining
+            decision = Decision(False, remaining, remaining, retry_after_ms, "tokens")
         else:
             limiter = self._limiters.get(deployment)
             if limiter is None:
@@ -327,13 +332,16 @@ class FakeAzureOpenAI:
         self.stats.throttled += 1
         retry_after_s = math.ceil(decision.retry_after_ms / 1000)
         headers = {
-            **_quota_headers(decision),
+            **self._quota_headers(decision),
             "retry-after-ms": str(decision.retry_after_ms),
             "retry-after": str(retry_after_s),
         }
         raise _Reply(
             429, bodies.rate_limited_429(operation, api_version, decision.limit, retry_after_s), headers
         )
+
+    def _quota_headers(self, decision: Decision) -> dict[str, str]:
+        return _quota_headers(decision) if self.config.rate_headers else {}
 
     async def _maybe_fail(self) -> None:
         config = self.config

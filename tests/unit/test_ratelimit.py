@@ -19,6 +19,8 @@ from worker.ratelimit import (
     DECREASE_FACTOR,
     GUARD_SECONDS,
     INITIAL_WINDOW,
+    MAX_ESTIMATE,
+    MIN_REQUESTS_PER_MINUTE,
     MIN_WINDOW,
     Budgets,
     RateBudget,
@@ -74,6 +76,70 @@ def test_estimate_is_chars_over_four_plus_max_tokens() -> None:
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "y" * 40}]}]}
     assert estimate_tokens(parts) == 10 + 16
     assert estimate_tokens({"input": "z" * 8}) == 2 + 16
+    assert estimate_tokens({"input": [[1, 2, 3], [4]]}) == 4 + 16  # token ids count one each
+
+
+ODD_LEAVES: list[object] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    7,
+    10**30,
+    10**400,
+    -(10**400),
+    0.5,
+    -2.5,
+    1e308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "",
+    "text",
+    "x\ud800",
+    "ünï 🙂",
+]
+SHAPED_KEYS = ["messages", "input", "max_tokens", "max_completion_tokens", "content", "text", "role", "type"]
+
+
+def odd_json(rng: random.Random, depth: int = 0) -> object:
+    """Any JSON-shaped value (as json.loads gives, NaN and huge numbers included), biased to the
+    keys the estimate looks at."""
+    roll = rng.random()
+    if depth >= 4 or roll < 0.45:
+        return rng.choice(ODD_LEAVES)
+    if roll < 0.75:
+        return [odd_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    keys = [*rng.sample(SHAPED_KEYS, rng.randint(0, 4)), f"k{rng.randint(0, 9)}"]
+    return {key: odd_json(rng, depth + 1) for key in keys}
+
+
+def test_the_estimate_never_raises_for_any_json_shaped_body() -> None:
+    rng = random.Random(11)
+    for _ in range(20_000):
+        body = odd_json(rng)
+        if not isinstance(body, dict):
+            body = {rng.choice(SHAPED_KEYS): body}
+        estimate = estimate_tokens(body)
+        assert isinstance(estimate, int), body
+        assert 0 <= estimate <= MAX_ESTIMATE, body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": float("nan")},
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": float("inf")},
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**400},
+        {"messages": "a string"},
+        {"input": 123},
+        {"input": [None, 1.5, {"a": 1}]},
+    ],
+)
+def test_the_estimate_of_bodies_that_used_to_crash_it(body: dict[str, object]) -> None:
+    assert 0 <= estimate_tokens(body) <= MAX_ESTIMATE
 
 
 # ---- configured limits ----------------------------------------------------------------------------
@@ -170,11 +236,13 @@ def test_the_limit_is_learned_from_remaining_plus_own_usage() -> None:
 def test_a_refused_request_is_not_counted_as_sent() -> None:
     async def main() -> RateBudget:
         b = budget(tpm=None, rpm=None)
-        await throttle(b, 100, headers(9_900, 99))  # someone else holds 100 tokens / 1 request
+        await throttle(b, 100)
+        async with b.admit(200) as permit:
+            permit.observe(headers(9_800, 98))  # the server counted only this one: 200 tokens, 1 request
         return b
 
     b = run_virtual(main())
-    assert b.tokens.learned == 9_900 * 6
+    assert b.tokens.learned == 60_000
     assert b.requests.learned == 99 * 6
 
 
@@ -250,6 +318,94 @@ def test_after_a_429_the_rate_returns_to_the_known_limit() -> None:
     assert cut is not None
     assert cut < 60_000
     assert later == 60_000
+
+
+# ---- what a 429 may not teach ---------------------------------------------------------------------
+
+
+def test_a_first_429_saying_nothing_remains_does_not_teach_a_limit_of_zero() -> None:
+    async def main() -> tuple[RateBudget, list[float]]:
+        b = budget(tpm=None, rpm=None)
+        await throttle(b, 500, headers(0, 0))  # the very first answer: the window is full (others use it)
+        b.pause(1.0)  # what the 429's retry-after asks
+        starts = []
+        for _ in range(30):
+            async with b.admit(500) as permit:  # raised ZeroDivisionError before any request was sent
+                starts.append(now())
+                await asyncio.sleep(0.1)
+                permit.observe(headers(9_500, 98))
+        return b, starts
+
+    b, starts = run_virtual(main())
+    assert len(starts) == 30
+    assert b.tokens.learned is not None and b.tokens.learned >= 6 * 500
+    assert b.requests.learned is not None and b.requests.learned >= MIN_REQUESTS_PER_MINUTE
+    assert starts[-1] - starts[0] < 30 * 0.1 + 10  # paced at what the successes taught, not at zero
+
+
+def test_a_429_saying_nothing_remains_after_successes_keeps_what_they_taught() -> None:
+    async def main() -> tuple[float | None, float | None]:
+        b = budget(tpm=None, rpm=None)
+        async with b.admit(100) as permit:
+            permit.observe(headers(9_900, 99))
+        before = b.tokens.learned
+        for _ in range(3):
+            await throttle(b, 100, headers(0, 0))
+        return before, b.tokens.learned
+
+    before, after = run_virtual(main())
+    assert before == 60_000
+    assert after == before  # "nothing remains now" says the window is full, not how big it is
+
+
+def test_a_first_429_without_rate_headers_does_not_cut_the_pace_to_nothing() -> None:
+    async def main() -> tuple[RateBudget, list[float]]:
+        b = budget(tpm=None, rpm=None)
+        await throttle(b, 500)  # behind a gateway: no x-ratelimit-* headers, nothing sent before it
+        b.pause(1.0)
+        starts = []
+        for _ in range(60):
+            async with b.admit(500) as permit:
+                starts.append(now())
+                await asyncio.sleep(0.1)
+                permit.observe({})
+        return b, starts
+
+    b, starts = run_virtual(main())
+    # It used to pace at 1 token and 1 request a minute from here on: one request every 10 s.
+    assert starts[-1] - starts[0] < 60 * 0.1 + 10
+    for dimension in (b.tokens, b.requests):
+        pace = dimension.limit(starts[-1])
+        assert pace is None or pace >= MIN_REQUESTS_PER_MINUTE * 500
+
+
+def test_a_cut_never_goes_below_a_few_requests_a_minute() -> None:
+    async def main() -> tuple[float | None, float | None]:
+        b = budget(tpm=None, rpm=None)
+        async with b.admit(1_000):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(9.5)  # one small request in the window: 0.7 × what was sent is very little
+        await throttle(b, 1_000)
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            await throttle(b, 1_000)
+        return b.tokens.limit(now()), b.requests.limit(now())
+
+    tokens, requests = run_virtual(main())
+    assert tokens is not None and tokens >= MIN_REQUESTS_PER_MINUTE * 1_000 * 0.99
+    assert requests is not None and requests >= MIN_REQUESTS_PER_MINUTE
+
+
+def test_headers_of_a_success_never_teach_a_limit_below_what_was_admitted() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        async with b.admit(400) as permit:
+            permit.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-limit-requests": "0"})
+        return b
+
+    b = run_virtual(main())
+    assert b.tokens.learned == 400 * 6  # what this one request used of the window, per minute
+    assert b.requests.learned is None  # a limit of 0 is not a limit
 
 
 # ---- the window on requests in flight -------------------------------------------------------------

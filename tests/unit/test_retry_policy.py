@@ -68,6 +68,11 @@ def test_error_code_from_nested_and_flat_bodies() -> None:
         ({"retry-after": "soon"}, None),
         ({"retry-after": "Mon, 99 Foo 2026"}, None),
         ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+        ({"retry-after": "Mon, 99 Foo 20xx"}, None),
+        ({"retry-after": ""}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "later", "retry-after": "2"}, 2.0),
         ({"retry-after-ms": "-5"}, 0.0),
     ],
 )

@@ -67,3 +67,22 @@ def test_shipped_example_job_file_loads() -> None:
 
 def test_every_option_has_an_environment_variable() -> None:
     assert all(option.env for option in OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "problem"),
+    [
+        ("stream = true", r"parameters\.stream is true, but the worker collects whole answers"),
+        ("max_tokens = nan", r"parameters\.max_tokens must be a whole number from 1 to 1000000, not nan"),
+        ("temperature = inf", r"parameters\.temperature must be a number from 0 to 2, not inf"),
+        ('model = ".."', r"parameters\.model must be a deployment name"),
+        ("logit_bias = { 50256 = -inf }", r"parameters\.logit_bias\.50256 must be a finite number, not -inf"),
+    ],
+)
+def test_job_parameters_no_request_could_send_are_a_configuration_error(
+    tmp_path: Path, parameters: str, problem: str
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(f"[parameters]\n{parameters}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"job file .*job\.toml: {problem}"):
+        load_settings({}, {}, job_file=str(job))

@@ -9,6 +9,7 @@ it without reading it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Container
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,16 +83,65 @@ class Sink(Protocol):
         ...
 
 
-async def split_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Lines (without their `\\n` or `\\r\\n`) from a stream of chunks cut anywhere."""
-    tail = b""
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""The longest line `split_lines` hands on (16 MiB, its `\\r` included); a longer one is never held whole."""
+
+
+class OverlongLine(bytes):
+    """What `split_lines` yields in place of a line over its cap: no content, only the line's `length`.
+
+    It is `bytes` (empty) so that sources keep yielding bytes and line numbers keep counting every line;
+    the parser recognises it and writes a `line_too_large` record for the line.
+    """
+
+    length: int
+
+    def __new__(cls, length: int) -> OverlongLine:
+        line = super().__new__(cls)
+        line.length = length
+        return line
+
+
+async def split_lines(chunks: AsyncIterator[bytes], max_line: int = MAX_LINE_BYTES) -> AsyncIterator[bytes]:
+    """Lines (without their `\\n` or `\\r\\n`) from a stream of chunks cut anywhere.
+
+    A line longer than `max_line` bytes becomes one `OverlongLine`: its start is dropped as soon as it
+    passes the cap and the rest is only counted, so no more than `max_line` bytes of a line are held.
+    """
+    head: list[bytes] = []  # the start of the current line, from earlier chunks
+    held = 0
+    skipped: int | None = None  # the length so far of an over-long line being skipped
     async for chunk in chunks:
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        for line in lines:
-            yield line.rstrip(b"\r")
-    if tail:
-        yield tail.rstrip(b"\r")
+        pieces = chunk.split(b"\n")
+        rest = pieces.pop()
+        if pieces:
+            if skipped is not None:
+                yield OverlongLine(skipped + len(pieces[0]))
+                skipped = None
+            else:
+                head.append(pieces[0])
+                yield _line(b"".join(head), max_line)
+                head.clear()
+                held = 0
+            for piece in itertools.islice(pieces, 1, None):
+                yield _line(piece, max_line)
+        if skipped is not None:
+            skipped += len(rest)
+        elif rest:
+            held += len(rest)
+            if held > max_line:
+                skipped, held = held, 0
+                head.clear()
+            else:
+                head.append(rest)
+    if skipped is not None:
+        yield OverlongLine(skipped)
+    elif head:
+        yield _line(b"".join(head), max_line)
+
+
+def _line(raw: bytes, max_line: int) -> bytes:
+    return OverlongLine(len(raw)) if len(raw) > max_line else raw.rstrip(b"\r")
 
 
 MANIFEST_FOLDER = "_runs"
