@@ -243,7 +243,7 @@ class BlobSink:
                 metadata = blob.metadata or {}
                 if blob.name.endswith(RESULT_SUFFIX) and metadata.get(COMPLETE_KEY) == "true":
                     with contextlib.suppress(ValueError):
-                        found[blob.name[len(self._prefix) :]] = int(metadata.get(ITEMS_KEY, "0"))
+                        found.put(blob.name[len(self._prefix) :], int(metadata.get(ITEMS_KEY, "0")))
         return found
 
     async def claim(self, result_path: str) -> BlobUnit | None:

@@ -120,7 +120,7 @@ class LocalSink:
                     items = int(json.loads(marker.read_text(encoding="utf-8"))["items"])
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
-                found[marker.relative_to(state).as_posix().removesuffix(".done")] = items
+                found.put(marker.relative_to(state).as_posix().removesuffix(".done"), items)
             return found
 
         return await asyncio.to_thread(scan)
