@@ -3,7 +3,9 @@
     WorkerError
     ├── ConfigError        a setting is missing or wrong; exit 2 with a message that says what to fix
     │   └── AccessDenied   storage or Azure OpenAI refused the identity (a role is missing); exit 2
-    └── LeaseLost          another replica took a work unit this process held; the unit stops
+    ├── LeaseLost          another replica took a work unit this process held; the unit stops
+    ├── UnsafeName         a path would lead outside SOURCE or SINK; nothing is read or written there
+    └── NameCollision      a result path holds a file that is not the worker's own; it is never touched
 
 Messages never contain a secret, key or token: callers pass names and places, not values.
 """
@@ -23,3 +25,11 @@ class AccessDenied(ConfigError):
 
 class LeaseLost(WorkerError):
     """The lease on a work unit expired or was taken: stop writing to it."""
+
+
+class UnsafeName(WorkerError):
+    """A name is not valid (see storage.names) or its path resolves outside its root: it is not used."""
+
+
+class NameCollision(WorkerError):
+    """The result path of an input is taken by a file or blob the worker did not create."""

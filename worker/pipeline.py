@@ -25,7 +25,7 @@ from worker.calls import Caller, Outcome
 from worker.errors import ConfigError, LeaseLost
 from worker.formats import Duplicate, Parsed, Rejected, Request
 from worker.metrics import RunStats
-from worker.storage import ClaimedUnit, Sink, Source, SourceFile
+from worker.storage import SKIP_REASONS, ClaimedUnit, Sink, Source, SourceFile, names
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -186,6 +186,12 @@ class Pipeline:
                     break
                 if self._exclude(file.path):
                     continue
+                if file.skip is not None:
+                    self._skip(file.path, file.skip, SKIP_REASONS[file.skip])
+                    continue
+                if (problem := names.name_problem(file.path)) is not None:
+                    self._skip(file.path, "invalid_name", problem)
+                    continue
                 if formats.input_kind(file.path) is None:
                     log.info(
                         "input.skipped", file=file.path, reason="not an input type (.txt .md .json .jsonl)"
@@ -212,6 +218,11 @@ class Pipeline:
                 self._drain_timer.cancel()
         if self.fatal is not None:
             raise self.fatal
+
+    def _skip(self, path: str, code: str, reason: str) -> None:
+        """An entry of SOURCE that is not read: logged and listed in the manifest, with no record."""
+        log.warning("input.skipped", file=names.shown(path), code=code, reason=reason)
+        self._stats.problem(file=names.shown(path), code=code)
 
     async def _run_unit(self, file: SourceFile) -> None:
         try:

@@ -22,6 +22,14 @@ class SourceFile:
 
     path: str
     size: int
+    skip: str | None = None
+    """A problem code (a key of SKIP_REASONS) when the entry is listed but must not be read."""
+
+
+SKIP_REASONS = {
+    "symlink_skipped": "a symbolic link: only regular files under SOURCE are read, never a link's target",
+    "unsupported_file_type": "not a regular file (a FIFO, socket or device)",
+}
 
 
 class Source(Protocol):

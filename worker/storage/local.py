@@ -16,19 +16,27 @@ from worker.errors import ConfigError
 from worker.formats import ResultScanner
 from worker.idset import FingerprintCounts
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
+from worker.storage.names import inside
 
 READ_CHUNK = 1024 * 1024
 
 
 def _scan(directory: Path) -> tuple[list[Path], list[SourceFile], Path]:
+    """Folders and files of one folder. Symbolic links are listed as skipped, never followed: a link to a
+    file outside SOURCE would send that file's content to Azure OpenAI, and a link to a file inside SOURCE
+    names a file that is processed under its own name anyway."""
     folders: list[Path] = []
     files: list[SourceFile] = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_symlink():
+                files.append(SourceFile(entry.path, 0, skip="symlink_skipped"))
+            elif entry.is_dir(follow_symlinks=False):
                 folders.append(Path(entry.path))
-            elif entry.is_file():
-                files.append(SourceFile(entry.path, entry.stat().st_size))
+            elif entry.is_file(follow_symlinks=False):
+                files.append(SourceFile(entry.path, entry.stat(follow_symlinks=False).st_size))
+            else:
+                files.append(SourceFile(entry.path, 0, skip="unsupported_file_type"))
     return folders, files, directory
 
 
@@ -46,16 +54,22 @@ class LocalSource:
             folders, files, _ = await asyncio.to_thread(_scan, pending.pop())
             pending.extend(sorted(folders, reverse=True))
             for found in sorted(files, key=lambda f: f.path):
-                yield SourceFile(Path(found.path).relative_to(self.root).as_posix(), found.size)
+                relative = Path(found.path).relative_to(self.root).as_posix()
+                yield SourceFile(relative, found.size, skip=found.skip)
 
     async def read(self, path: str) -> bytes:
-        async with aiofiles.open(self.root / path, "rb") as file:
+        async with aiofiles.open(inside(self.root, path), "rb", opener=_no_follow) as file:
             return await file.read()
 
     async def read_lines(self, path: str) -> AsyncGenerator[bytes, None]:
-        async with aiofiles.open(self.root / path, "rb") as file:
+        async with aiofiles.open(inside(self.root, path), "rb", opener=_no_follow) as file:
             async for line in split_lines(_chunks(file)):
                 yield line
+
+
+def _no_follow(path: str, flags: int) -> int:
+    """Open without following a symbolic link in the last component (one swapped in after listing)."""
+    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 async def _chunks(file: Any) -> AsyncIterator[bytes]:
@@ -126,9 +140,9 @@ class LocalSink:
         return await asyncio.to_thread(scan)
 
     async def claim(self, result_path: str) -> LocalUnit | None:
-        result = self.root / result_path
-        marker = self.root / STATE_FOLDER / f"{result_path}.done"
-        lock = self.root / STATE_FOLDER / f"{result_path}.lock"
+        result = inside(self.root, result_path)
+        marker = inside(self.root, f"{STATE_FOLDER}/{result_path}.done")
+        lock = inside(self.root, f"{STATE_FOLDER}/{result_path}.lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
         result.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
