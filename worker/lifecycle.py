@@ -125,6 +125,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
                 "units_done",
                 "units_skipped",
                 "units_held_elsewhere",
+                "changed_inputs",
             )
         },
         "calls": {

@@ -24,6 +24,7 @@ from worker import formats
 from worker.calls import Caller, Outcome
 from worker.errors import ConfigError, LeaseLost
 from worker.formats import Duplicate, Parsed, Rejected, Request
+from worker.idset import FingerprintCounts
 from worker.metrics import RunStats
 from worker.storage import SKIP_REASONS, ClaimedUnit, Sink, Source, SourceFile, names
 
@@ -184,26 +185,7 @@ class Pipeline:
                 if self._stopping.is_set():
                     self.work_remains = True
                     break
-                if self._exclude(file.path):
-                    continue
-                if file.skip is not None:
-                    self._skip(file.path, file.skip, SKIP_REASONS[file.skip])
-                    continue
-                if (problem := names.name_problem(file.path)) is not None:
-                    self._skip(file.path, "invalid_name", problem)
-                    continue
-                if formats.input_kind(file.path) is None:
-                    log.info(
-                        "input.skipped", file=file.path, reason="not an input type (.txt .md .json .jsonl)"
-                    )
-                    self._stats.problem(file=file.path, code="unsupported_file_type")
-                    continue
-                done_items = finished.get(formats.result_path(file.path))
-                if done_items is not None:
-                    self._stats.total += done_items
-                    self._stats.skipped += done_items
-                    self._stats.units_skipped += 1
-                    self._on_progress(done_items)
+                if not self._wanted(file, finished):
                     continue
                 await self._open_units.acquire()
                 task = asyncio.create_task(self._run_unit(file), name=f"unit:{file.path}")
@@ -219,6 +201,34 @@ class Pipeline:
         if self.fatal is not None:
             raise self.fatal
 
+    def _wanted(self, file: SourceFile, finished: FingerprintCounts) -> bool:
+        """Whether a listed file is a unit to work on; what is not is reported or counted here."""
+        if self._exclude(file.path):
+            return False
+        if file.skip is not None:
+            self._skip(file.path, file.skip, SKIP_REASONS[file.skip])
+            return False
+        if (problem := names.name_problem(file.path)) is not None:
+            self._skip(file.path, "invalid_name", problem)
+            return False
+        if formats.input_kind(file.path) is None:
+            log.info("input.skipped", file=file.path, reason="not an input type (.txt .md .json .jsonl)")
+            self._stats.problem(file=file.path, code="unsupported_file_type")
+            return False
+        result_path = formats.result_path(file.path)
+        done_items = finished.get(result_path)
+        if done_items is None:
+            return True
+        if finished.changed(result_path, file.version):
+            log.info("input.changed", file=file.path, items_before=done_items)
+            self._stats.changed_inputs += 1
+            return True
+        self._stats.total += done_items
+        self._stats.skipped += done_items
+        self._stats.units_skipped += 1
+        self._on_progress(done_items)
+        return False
+
     def _skip(self, path: str, code: str, reason: str) -> None:
         """An entry of SOURCE that is not read: logged and listed in the manifest, with no record."""
         log.warning("input.skipped", file=names.shown(path), code=code, reason=reason)
@@ -226,7 +236,7 @@ class Pipeline:
 
     async def _run_unit(self, file: SourceFile) -> None:
         try:
-            unit = await self._sink.claim(formats.result_path(file.path))
+            unit = await self._sink.claim(formats.result_path(file.path), file.version)
         except ConfigError as error:
             self._open_units.release()
             self._fail(error)

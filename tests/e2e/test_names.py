@@ -10,7 +10,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.helpers import Run, answer_text, new_container, run_worker, upload
+import pytest
+
+from tests.e2e.helpers import (
+    Run,
+    answer_text,
+    batch_line,
+    manifest,
+    new_container,
+    results,
+    run_worker,
+    upload,
+)
 from tests.stack import LocalStack
 
 
@@ -138,3 +149,95 @@ def test_symlinks_in_a_local_source_are_reported_and_their_targets_never_sent(
     assert stats["requests"] == 1
     assert stats["prompt_tokens"] < len(secret) // 4  # only "real prompt" was ever sent
     assert secret not in run.stdout
+
+
+def jsonl(ids: list[str]) -> bytes:
+    return b"".join(batch_line(custom_id, f"say {custom_id}") + b"\n" for custom_id in ids)
+
+
+def assert_each_once(records: list[dict[str, Any]], expected: list[str]) -> None:
+    assert sorted(record["custom_id"] for record in records) == sorted(expected)
+
+
+@pytest.mark.parametrize("where", ["blob", "local"])
+def test_lines_appended_to_a_finished_jsonl_are_processed_on_the_next_run(
+    stack: LocalStack, tmp_path: Path, where: str
+) -> None:
+    first_ids = [f"line-{n}" for n in range(5)]
+    more_ids = [f"more-{n}" for n in range(3)]
+    if where == "blob":
+        source, sink = new_container(stack, "src"), new_container(stack, "out")
+        args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink)]
+        upload(stack, source, {"batch.jsonl": jsonl(first_ids)})
+    else:
+        source_dir, sink_dir = tmp_path / "in", tmp_path / "out"
+        source_dir.mkdir()
+        args = ["--source", str(source_dir), "--sink", str(sink_dir)]
+        (source_dir / "batch.jsonl").write_bytes(jsonl(first_ids))
+
+    def records() -> list[dict[str, Any]]:
+        return results(stack, sink) if where == "blob" else local_records(sink_dir)
+
+    first = run_worker(stack, *args)
+    assert (first.code, first.summary["succeeded"], first.summary["changed_inputs"]) == (0, 5, 0)
+    if where == "blob":
+        upload(stack, source, {"batch.jsonl": jsonl(first_ids + more_ids)})
+    else:
+        with (source_dir / "batch.jsonl").open("ab") as file:
+            file.write(jsonl(more_ids))
+
+    second = run_worker(stack, *args)
+
+    assert second.code == 0, second.stdout[-3000:]
+    assert stack.openai.stats()["requests"] == 5 + 3
+    assert_each_once(records(), first_ids + more_ids)
+    summary = second.summary
+    assert (summary["changed_inputs"], summary["succeeded"], summary["skipped"], summary["total"]) == (
+        1,
+        3,
+        5,
+        8,
+    )
+    assert any(event["event"] == "input.changed" for event in second.events)
+
+    third = run_worker(stack, *args)
+    assert (third.code, third.summary["changed_inputs"], third.summary["skipped"]) == (0, 0, 8)
+    assert stack.openai.stats()["requests"] == 8
+
+
+def test_a_reuploaded_prompt_keeps_its_record_and_is_counted_changed(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--run-id"]
+    upload(stack, source, {"note.txt": b"first draft", "other.txt": b"untouched"})
+    assert run_worker(stack, *args, "first").code == 0
+    upload(stack, source, {"note.txt": b"corrected draft"})
+
+    rerun = run_worker(stack, *args, "second")
+
+    assert rerun.code == 0, rerun.stdout[-3000:]
+    assert stack.openai.stats()["requests"] == 2  # the record for note.txt stays: exactly once
+    by_id = {record["custom_id"]: record for record in results(stack, sink)}
+    assert len(results(stack, sink)) == 2
+    assert answer_text(by_id["note.txt"]) == "ECHO: first draft"
+    assert (rerun.summary["changed_inputs"], rerun.summary["skipped"]) == (1, 2)
+    assert manifest(stack, sink, "", "second")["counts"]["changed_inputs"] == 1
+    again = run_worker(stack, *args, "third")
+    assert (again.summary["changed_inputs"], again.summary["skipped"]) == (0, 2)
+
+
+def test_a_marker_from_an_older_worker_without_a_version_counts_as_unchanged(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    source, sink = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    (source / "a.txt").write_text("old", encoding="utf-8")
+    assert run_worker(stack, "--source", str(source), "--sink", str(sink)).code == 0
+    marker = sink / "_state" / "a.txt.results.jsonl.done"
+    assert json.loads(marker.read_text(encoding="utf-8"))["version"]
+    marker.write_text('{"items": 1}', encoding="utf-8")  # as written before versions were recorded
+    (source / "a.txt").write_text("changed since", encoding="utf-8")
+
+    rerun = run_worker(stack, "--source", str(source), "--sink", str(sink))
+
+    assert (rerun.code, rerun.summary["changed_inputs"], rerun.summary["skipped"]) == (0, 0, 1)
+    assert stack.openai.stats()["requests"] == 1

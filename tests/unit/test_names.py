@@ -73,6 +73,6 @@ def test_a_local_sink_refuses_to_claim_outside_its_root(tmp_path: Path) -> None:
     sink = LocalSink(root)
     for unsafe in [f"{outside}/x.txt.results.jsonl", "../x.txt.results.jsonl", "link/x.txt.results.jsonl"]:
         with pytest.raises(UnsafeName):
-            asyncio.run(sink.claim(unsafe))
+            asyncio.run(sink.claim(unsafe, "1-1"))
     assert list(outside.iterdir()) == []
     assert sorted(tmp_path.iterdir()) == [outside, root]

@@ -3,8 +3,8 @@
 A *work unit* is one input file. Its results live in one result file under the sink, named by
 `formats.result_path`. A unit is *claimed* before work starts (a blob lease, or a file lock locally), so
 overlapping runs and replicas never work on the same unit at once; a claimed unit reports the custom_ids
-already recorded so a rerun only does what is missing; a finished unit is marked so the next run skips
-it without reading it.
+already recorded so a rerun only does what is missing; a finished unit is marked, with the version of its
+input, so the next run skips it without reading it unless the input changed since.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class SourceFile:
 
     path: str
     size: int
+    version: str
+    """Changes whenever the content may have: the blob's ETag, or f"{size}-{mtime_ns}" for a local file."""
     skip: str | None = None
     """A problem code (a key of SKIP_REASONS) when the entry is listed but must not be read."""
 
@@ -62,7 +64,7 @@ class ClaimedUnit(Protocol):
         ...
 
     async def finish(self, items: int) -> None:
-        """Mark the unit complete (all `items` recorded) and release the claim."""
+        """Mark the unit complete (all `items` recorded, at the input version claimed) and release it."""
         ...
 
     async def release(self) -> None:
@@ -78,11 +80,14 @@ class Sink(Protocol):
         ...
 
     async def finished_units(self) -> FingerprintCounts:
-        """Result paths of units marked complete → their item counts."""
+        """Result paths of units marked complete → their item counts and the input versions they were
+        completed at (none for a marker written before versions were recorded)."""
         ...
 
-    async def claim(self, result_path: str) -> ClaimedUnit | None:
-        """Claim a unit; None when another live process holds it or it was finished meanwhile."""
+    async def claim(self, result_path: str, version: str) -> ClaimedUnit | None:
+        """Claim a unit for the input at `version`; None when another live process holds it or it was
+        completed at that version (or at an unrecorded one) meanwhile. A unit completed at another version
+        is claimed again: its result file keeps every record, and `done_ids` has them."""
         ...
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:

@@ -3,7 +3,8 @@
 Result files are append blobs. Each append is conditional on the blob's length
 (`appendpos_condition`), so a retried append never writes a line twice. A unit is claimed with a blob
 lease on its result file, renewed while held; a finished unit carries the metadata
-`worker_complete=true` and `worker_items=N`, which a listing returns, so a rerun skips it unread.
+`worker_complete=true`, `worker_items=N` and `worker_input_version=<the input's ETag>`, which a listing
+returns, so a rerun skips it unread unless the input changed since.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ MAX_APPEND_BYTES = 4 * 1024 * 1024
 MAX_APPEND_BLOCKS = 50_000
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
+VERSION_KEY = "worker_input_version"
 LEASE_GONE_CODES = {
     "LeaseIdMismatchWithBlobOperation",
     "LeaseNotPresentWithBlobOperation",
@@ -98,7 +100,7 @@ class BlobSource:
                 async for blob in self._container.list_blobs(name_starts_with=self._prefix or None):
                     if blob.name.endswith("/"):
                         continue
-                    yield SourceFile(blob.name[len(self._prefix) :], blob.size or 0)
+                    yield SourceFile(blob.name[len(self._prefix) :], blob.size or 0, blob.etag or "")
             except ResourceNotFoundError:
                 raise ConfigError(f"source container {self._where} does not exist: check --source") from None
 
@@ -126,8 +128,10 @@ class BlobUnit:
         *,
         renew_every: float,
         appends_used: int,
+        version: str,
     ) -> None:
         self._blob = blob
+        self._version = version
         self._renew_every = renew_every
         self._lease = lease
         self._length = length
@@ -192,7 +196,7 @@ class BlobUnit:
         self._check()
         with storage_errors("mark complete", self._blob.blob_name):
             await self._blob.set_blob_metadata(
-                {COMPLETE_KEY: "true", ITEMS_KEY: str(items)}, lease=self._lease
+                {COMPLETE_KEY: "true", ITEMS_KEY: str(items), VERSION_KEY: self._version}, lease=self._lease
             )
         await self.release()
 
@@ -243,10 +247,14 @@ class BlobSink:
                 metadata = blob.metadata or {}
                 if blob.name.endswith(RESULT_SUFFIX) and metadata.get(COMPLETE_KEY) == "true":
                     with contextlib.suppress(ValueError):
-                        found.put(blob.name[len(self._prefix) :], int(metadata.get(ITEMS_KEY, "0")))
+                        found.put(
+                            blob.name[len(self._prefix) :],
+                            int(metadata.get(ITEMS_KEY, "0")),
+                            metadata.get(VERSION_KEY),
+                        )
         return found
 
-    async def claim(self, result_path: str) -> BlobUnit | None:
+    async def claim(self, result_path: str, version: str) -> BlobUnit | None:
         blob = self._container.get_blob_client(self._prefix + result_path)
         where = f"{self._where}{result_path}"
         with storage_errors("write", where):
@@ -261,7 +269,7 @@ class BlobSink:
                 raise
             try:
                 properties = await blob.get_blob_properties(lease=lease)
-                if (properties.metadata or {}).get(COMPLETE_KEY) == "true":
+                if _complete_at(properties.metadata or {}, version):
                     await lease.release()
                     return None
                 if properties.blob_type != "AppendBlob":
@@ -283,6 +291,7 @@ class BlobSink:
             scanner.ids,
             renew_every=self._lease_seconds / 3,
             appends_used=properties.append_blob_committed_block_count or 0,
+            version=version,
         )
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
@@ -290,6 +299,14 @@ class BlobSink:
         with storage_errors("write", self._where):
             await self._container.upload_blob(name, data, overwrite=True, **_json_content())
         return f"{self._where}{MANIFEST_FOLDER}/{run_id}.json"
+
+
+def _complete_at(metadata: dict[str, str], version: str) -> bool:
+    """Whether a result blob is marked complete for this input version (or for an unrecorded one)."""
+    if metadata.get(COMPLETE_KEY) != "true":
+        return False
+    recorded = metadata.get(VERSION_KEY)
+    return not recorded or not version or recorded == version
 
 
 def _not_append_blob(where: str) -> NoReturn:

@@ -30,13 +30,14 @@ def _scan(directory: Path) -> tuple[list[Path], list[SourceFile], Path]:
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.is_symlink():
-                files.append(SourceFile(entry.path, 0, skip="symlink_skipped"))
+                files.append(SourceFile(entry.path, 0, "", skip="symlink_skipped"))
             elif entry.is_dir(follow_symlinks=False):
                 folders.append(Path(entry.path))
             elif entry.is_file(follow_symlinks=False):
-                files.append(SourceFile(entry.path, entry.stat(follow_symlinks=False).st_size))
+                found = entry.stat(follow_symlinks=False)
+                files.append(SourceFile(entry.path, found.st_size, f"{found.st_size}-{found.st_mtime_ns}"))
             else:
-                files.append(SourceFile(entry.path, 0, skip="unsupported_file_type"))
+                files.append(SourceFile(entry.path, 0, "", skip="unsupported_file_type"))
     return folders, files, directory
 
 
@@ -55,7 +56,7 @@ class LocalSource:
             pending.extend(sorted(folders, reverse=True))
             for found in sorted(files, key=lambda f: f.path):
                 relative = Path(found.path).relative_to(self.root).as_posix()
-                yield SourceFile(relative, found.size, skip=found.skip)
+                yield SourceFile(relative, found.size, found.version, skip=found.skip)
 
     async def read(self, path: str) -> bytes:
         async with aiofiles.open(inside(self.root, path), "rb", opener=_no_follow) as file:
@@ -80,9 +81,12 @@ async def _chunks(file: Any) -> AsyncIterator[bytes]:
 class LocalUnit:
     """A result file held under an exclusive, non-blocking flock on its lock file."""
 
-    def __init__(self, result: Path, marker: Path, lock_fd: int, done_ids: Container[str]) -> None:
+    def __init__(
+        self, result: Path, marker: Path, lock_fd: int, done_ids: Container[str], *, version: str
+    ) -> None:
         self._result = result
         self._marker = marker
+        self._version = version
         self._lock_fd: int | None = lock_fd
         self.done_ids = done_ids
         self.max_appends: int | None = None
@@ -95,7 +99,9 @@ class LocalUnit:
 
     async def finish(self, items: int) -> None:
         self._marker.parent.mkdir(parents=True, exist_ok=True)
-        self._marker.write_text(json.dumps({"items": items}), encoding="utf-8")
+        temporary = self._marker.with_name(f"{self._marker.name}.tmp")
+        temporary.write_text(json.dumps({"items": items, "version": self._version}), encoding="utf-8")
+        temporary.replace(self._marker)
         await self.release()
 
     async def release(self) -> None:
@@ -130,16 +136,14 @@ class LocalSink:
         def scan() -> FingerprintCounts:
             found = FingerprintCounts()
             for marker in state.rglob("*.done"):
-                try:
-                    items = int(json.loads(marker.read_text(encoding="utf-8"))["items"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-                found.put(marker.relative_to(state).as_posix().removesuffix(".done"), items)
+                finished = _read_marker(marker)
+                if finished is not None:
+                    found.put(marker.relative_to(state).as_posix().removesuffix(".done"), *finished)
             return found
 
         return await asyncio.to_thread(scan)
 
-    async def claim(self, result_path: str) -> LocalUnit | None:
+    async def claim(self, result_path: str, version: str) -> LocalUnit | None:
         result = inside(self.root, result_path)
         marker = inside(self.root, f"{STATE_FOLDER}/{result_path}.done")
         lock = inside(self.root, f"{STATE_FOLDER}/{result_path}.lock")
@@ -151,7 +155,8 @@ class LocalSink:
         except BlockingIOError:
             os.close(fd)
             return None
-        if marker.exists():
+        finished = _read_marker(marker)
+        if finished is not None and (not finished[1] or not version or finished[1] == version):
             os.close(fd)
             return None
         scanner = ResultScanner()
@@ -162,7 +167,7 @@ class LocalSink:
             if scanner.complete < result.stat().st_size:
                 with result.open("r+b") as torn:
                     torn.truncate(scanner.complete)
-        return LocalUnit(result, marker, fd, scanner.ids)
+        return LocalUnit(result, marker, fd, scanner.ids, version=version)
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
         path = self.root / MANIFEST_FOLDER / f"{run_id}.json"
@@ -171,3 +176,14 @@ class LocalSink:
         temporary.write_bytes(data)
         temporary.replace(path)
         return str(path)
+
+
+def _read_marker(marker: Path) -> tuple[int, str | None] | None:
+    """(items, input version) of a completion marker; None when there is none or it is unreadable (the
+    unit is then done again from its result file, which keeps every recorded id exactly once)."""
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+        version = content.get("version")
+        return int(content["items"]), version if isinstance(version, str) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
