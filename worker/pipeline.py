@@ -185,7 +185,7 @@ class Pipeline:
                 if self._stopping.is_set():
                     self.work_remains = True
                     break
-                if not self._wanted(file, finished):
+                if not await self._wanted(file, finished):
                     continue
                 await self._open_units.acquire()
                 task = asyncio.create_task(self._run_unit(file), name=f"unit:{file.path}")
@@ -201,7 +201,7 @@ class Pipeline:
         if self.fatal is not None:
             raise self.fatal
 
-    def _wanted(self, file: SourceFile, finished: FingerprintCounts) -> bool:
+    async def _wanted(self, file: SourceFile, finished: FingerprintCounts) -> bool:
         """Whether a listed file is a unit to work on; what is not is reported or counted here."""
         if self._exclude(file.path):
             return False
@@ -217,17 +217,20 @@ class Pipeline:
             return False
         result_path = formats.result_path(file.path)
         done_items = finished.get(result_path)
-        if done_items is None:
-            return True
-        if finished.changed(result_path, file.version):
+        if done_items is not None and not finished.changed(result_path, file.version):
+            self._stats.total += done_items
+            self._stats.skipped += done_items
+            self._stats.units_skipped += 1
+            self._on_progress(done_items)
+            return False
+        if await self._sink.collides(result_path):
+            reason = f"its result path {result_path} under SINK holds a file the worker did not create"
+            self._skip(file.path, "name_collision", reason)
+            return False
+        if done_items is not None:
             log.info("input.changed", file=file.path, items_before=done_items)
             self._stats.changed_inputs += 1
-            return True
-        self._stats.total += done_items
-        self._stats.skipped += done_items
-        self._stats.units_skipped += 1
-        self._on_progress(done_items)
-        return False
+        return True
 
     def _skip(self, path: str, code: str, reason: str) -> None:
         """An entry of SOURCE that is not read: logged and listed in the manifest, with no record."""

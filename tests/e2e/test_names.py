@@ -241,3 +241,66 @@ def test_a_marker_from_an_older_worker_without_a_version_counts_as_unchanged(
 
     assert (rerun.code, rerun.summary["changed_inputs"], rerun.summary["skipped"]) == (0, 0, 1)
     assert stack.openai.stats()["requests"] == 1
+
+
+def test_a_users_file_at_a_local_result_path_is_never_touched(stack: LocalStack, tmp_path: Path) -> None:
+    folder = tmp_path / "work"  # source and sink at once
+    folder.mkdir()
+    (folder / "a.txt").write_text("prompt a", encoding="utf-8")
+    (folder / "b.txt").write_text("prompt b", encoding="utf-8")
+    users = b'{"custom_id": "mine", "note": "my own results, not the worker\'s"}\n'
+    (folder / "a.txt.results.jsonl").write_bytes(users)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_bytes(b"keep me\n")
+    (folder / "c.txt").write_text("prompt c", encoding="utf-8")
+    (folder / "c.txt.results.jsonl").symlink_to(elsewhere)
+    args = ["--source", str(folder), "--sink", str(folder)]
+
+    first = run_worker(stack, *args)
+    second = run_worker(stack, *args)
+
+    assert (first.code, second.code) == (0, 0), first.stdout[-3000:]
+    expected = {"a.txt": "name_collision", "c.txt": "name_collision"}  # `*.results.jsonl` are not inputs here
+    assert skipped_events(first) == skipped_events(second) == expected
+    assert (folder / "a.txt.results.jsonl").read_bytes() == users
+    assert elsewhere.read_bytes() == b"keep me\n"
+    assert not (folder / "_state" / "a.txt.results.jsonl.lock").exists()
+    (record,) = [json.loads(line) for line in (folder / "b.txt.results.jsonl").read_bytes().splitlines()]
+    assert answer_text(record) == "ECHO: prompt b"
+    assert stack.openai.stats()["requests"] == 1
+    assert (first.summary["succeeded"], second.summary["skipped"]) == (1, 1)
+
+
+def test_a_users_blob_at_a_result_path_is_never_leased_or_appended_to(stack: LocalStack) -> None:
+    container = new_container(stack, "both")  # source and sink at once
+    users_block = b'{"custom_id": "mine"}\n'
+    upload(stack, container, {"a.txt": b"prompt a", "b.txt": b"prompt b", "c.txt": b"prompt c"})
+    upload(stack, container, {"a.txt.results.jsonl": users_block})
+    client = stack.blob_service().get_container_client(container)
+    users_append = client.get_blob_client("c.txt.results.jsonl")
+    users_append.create_append_blob()
+    users_append.append_block(b"user's own append blob\n")
+    url = stack.blob_url(container)
+
+    first = run_worker(stack, "--source", url, "--sink", url, "--run-id", "first")
+    second = run_worker(stack, "--source", url, "--sink", url, "--run-id", "second")
+
+    assert (first.code, second.code) == (0, 0), first.stdout[-3000:]
+    assert (
+        skipped_events(first)
+        == skipped_events(second)
+        == {"a.txt": "name_collision", "c.txt": "name_collision"}
+    )
+    assert client.download_blob("a.txt.results.jsonl").readall() == users_block
+    assert users_append.download_blob().readall() == b"user's own append blob\n"
+    for name in ("a.txt.results.jsonl", "c.txt.results.jsonl"):
+        properties = client.get_blob_client(name).get_blob_properties()
+        assert properties.lease.state == "available"
+        assert not properties.metadata
+    (record,) = [
+        json.loads(line) for line in client.download_blob("b.txt.results.jsonl").readall().splitlines()
+    ]
+    assert answer_text(record) == "ECHO: prompt b"
+    assert stack.openai.stats()["requests"] == 1
+    problems = manifest(stack, container, "", "first")["input_problems"]
+    assert {"file": "a.txt", "code": "name_collision"} in problems

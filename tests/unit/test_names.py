@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import UnsafeName
+from worker.errors import NameCollision, UnsafeName
 from worker.storage.local import LocalSink
 from worker.storage.names import inside, name_problem, shown
 
@@ -76,3 +76,22 @@ def test_a_local_sink_refuses_to_claim_outside_its_root(tmp_path: Path) -> None:
             asyncio.run(sink.claim(unsafe, "1-1"))
     assert list(outside.iterdir()) == []
     assert sorted(tmp_path.iterdir()) == [outside, root]
+
+
+def test_a_local_sink_never_claims_a_result_path_it_did_not_create(tmp_path: Path) -> None:
+    sink = LocalSink(tmp_path)
+    (tmp_path / "a.txt.results.jsonl").write_bytes(b"user's file, torn last line")
+    (tmp_path / "d.txt.results.jsonl").mkdir()
+    (tmp_path / "file").write_bytes(b"user's file where a folder would go")
+    for taken in ["a.txt.results.jsonl", "d.txt.results.jsonl", "file/x.txt.results.jsonl"]:
+        assert asyncio.run(sink.collides(taken))
+        with pytest.raises(NameCollision):
+            asyncio.run(sink.claim(taken, "1-1"))
+    assert (tmp_path / "a.txt.results.jsonl").read_bytes() == b"user's file, torn last line"
+    assert not (tmp_path / "_state").exists()
+
+    assert not asyncio.run(sink.collides("new.txt.results.jsonl"))
+    unit = asyncio.run(sink.claim("new.txt.results.jsonl", "1-1"))
+    assert unit is not None
+    asyncio.run(unit.release())
+    assert not asyncio.run(sink.collides("new.txt.results.jsonl"))  # now the worker's own

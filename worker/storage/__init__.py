@@ -84,10 +84,16 @@ class Sink(Protocol):
         completed at (none for a marker written before versions were recorded)."""
         ...
 
+    async def collides(self, result_path: str) -> bool:
+        """Whether the result path is taken by something the worker did not create (a user's file or blob):
+        that input is reported `name_collision`, and the file is never truncated, leased or appended to."""
+        ...
+
     async def claim(self, result_path: str, version: str) -> ClaimedUnit | None:
         """Claim a unit for the input at `version`; None when another live process holds it or it was
         completed at that version (or at an unrecorded one) meanwhile. A unit completed at another version
-        is claimed again: its result file keeps every record, and `done_ids` has them."""
+        is claimed again: its result file keeps every record, and `done_ids` has them. Raises NameCollision
+        when the result path turns out to be taken (see `collides`)."""
         ...
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:

@@ -1,6 +1,8 @@
 """A blob prefix as SOURCE or SINK (azure.storage.blob.aio).
 
-Result files are append blobs. Each append is conditional on the blob's length
+Result files are append blobs, created by the worker with the metadata `worker_result=true`: a blob at a
+result path without it (or that is not an append blob) is someone else's, and is never leased or written
+(the input is reported `name_collision`). Each append is conditional on the blob's length
 (`appendpos_condition`), so a retried append never writes a line twice. A unit is claimed with a blob
 lease on its result file, renewed while held; a finished unit carries the metadata
 `worker_complete=true`, `worker_items=N` and `worker_input_version=<the input's ETag>`, which a listing
@@ -25,9 +27,9 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
-from worker.errors import AccessDenied, ConfigError, LeaseLost
+from worker.errors import AccessDenied, ConfigError, LeaseLost, NameCollision
 from worker.formats import RESULT_SUFFIX, ResultScanner
-from worker.idset import FingerprintCounts
+from worker.idset import FingerprintCounts, FingerprintSet
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
 
 log = structlog.get_logger("worker.storage")
@@ -37,6 +39,7 @@ MAX_APPEND_BLOCKS = 50_000
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
 VERSION_KEY = "worker_input_version"
+RESULT_KEY = "worker_result"
 LEASE_GONE_CODES = {
     "LeaseIdMismatchWithBlobOperation",
     "LeaseNotPresentWithBlobOperation",
@@ -196,7 +199,8 @@ class BlobUnit:
         self._check()
         with storage_errors("mark complete", self._blob.blob_name):
             await self._blob.set_blob_metadata(
-                {COMPLETE_KEY: "true", ITEMS_KEY: str(items), VERSION_KEY: self._version}, lease=self._lease
+                {RESULT_KEY: "true", COMPLETE_KEY: "true", ITEMS_KEY: str(items), VERSION_KEY: self._version},
+                lease=self._lease,
             )
         await self.release()
 
@@ -219,6 +223,7 @@ class BlobSink:
         self._prefix = prefix
         self._where = where
         self._lease_seconds = lease_seconds
+        self._foreign = FingerprintSet()
 
     async def prepare(self) -> None:
         try:
@@ -239,13 +244,19 @@ class BlobSink:
             await probe.delete_blob()
 
     async def finished_units(self) -> FingerprintCounts:
+        """From one listing: the finished units, and (for `collides`) the result paths taken by blobs
+        the worker did not create."""
         found = FingerprintCounts()
         with storage_errors("list", self._where):
             async for blob in self._container.list_blobs(
                 name_starts_with=self._prefix or None, include=["metadata"]
             ):
+                if not blob.name.endswith(RESULT_SUFFIX):
+                    continue
                 metadata = blob.metadata or {}
-                if blob.name.endswith(RESULT_SUFFIX) and metadata.get(COMPLETE_KEY) == "true":
+                if not _worker_result(blob.blob_type, metadata):
+                    self._foreign.add(blob.name[len(self._prefix) :])
+                elif metadata.get(COMPLETE_KEY) == "true":
                     with contextlib.suppress(ValueError):
                         found.put(
                             blob.name[len(self._prefix) :],
@@ -254,12 +265,24 @@ class BlobSink:
                         )
         return found
 
+    async def collides(self, result_path: str) -> bool:
+        """As of the last `finished_units` listing; `claim` checks again before it takes a lease."""
+        return result_path in self._foreign
+
     async def claim(self, result_path: str, version: str) -> BlobUnit | None:
         blob = self._container.get_blob_client(self._prefix + result_path)
         where = f"{self._where}{result_path}"
         with storage_errors("write", where):
-            with contextlib.suppress(ResourceExistsError, ResourceNotFoundError):
-                await blob.create_append_blob(match_condition=MatchConditions.IfMissing)
+            try:
+                await blob.create_append_blob(
+                    metadata={RESULT_KEY: "true"}, match_condition=MatchConditions.IfMissing
+                )
+            except ResourceExistsError:
+                existing = await blob.get_blob_properties()
+                if not _worker_result(existing.blob_type, existing.metadata):
+                    _collision(where)
+            except ResourceNotFoundError:
+                pass
             lease = BlobLeaseClient(blob)
             try:
                 await lease.acquire(lease_duration=self._lease_seconds)
@@ -269,11 +292,11 @@ class BlobSink:
                 raise
             try:
                 properties = await blob.get_blob_properties(lease=lease)
+                if not _worker_result(properties.blob_type, properties.metadata):  # replaced meanwhile
+                    _collision(where)
                 if _complete_at(properties.metadata or {}, version):
                     await lease.release()
                     return None
-                if properties.blob_type != "AppendBlob":
-                    _not_append_blob(where)
                 scanner = ResultScanner()
                 length = 0
                 if properties.size:
@@ -309,8 +332,15 @@ def _complete_at(metadata: dict[str, str], version: str) -> bool:
     return not recorded or not version or recorded == version
 
 
-def _not_append_blob(where: str) -> NoReturn:
-    raise ConfigError(f"{where} exists and is not an append blob: move it out of the sink")
+def _collision(where: str) -> NoReturn:
+    raise NameCollision(f"{where} was not created by the worker: it is left untouched")
+
+
+def _worker_result(blob_type: object, metadata: dict[str, str] | None) -> bool:
+    """Whether a blob at a result path is the worker's own: an append blob it created (marked at creation;
+    a blob a worker finished before that mark existed carries `worker_complete`)."""
+    metadata = metadata or {}
+    return blob_type == "AppendBlob" and (RESULT_KEY in metadata or metadata.get(COMPLETE_KEY) == "true")
 
 
 def _json_content() -> dict[str, Any]:

@@ -1,18 +1,26 @@
-"""A local folder as SOURCE or SINK (aiofiles). Claims are `fcntl.flock` locks, released by the OS on exit."""
+"""A local folder as SOURCE or SINK (aiofiles). Claims are `fcntl.flock` locks, released by the OS on exit.
+
+A result file is the worker's own when it is a regular file and its lock, `_state/<result path>.lock`,
+exists: the worker creates the lock before it ever creates the result file, and it never creates a lock
+for a result path that already holds something (a file, folder or link of the user's). Anything else at a
+result path is never truncated, locked or appended to: the input is reported `name_collision`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
+import stat
 from collections.abc import AsyncGenerator, AsyncIterator, Container
 from pathlib import Path
 from typing import Any
 
 import aiofiles
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, NameCollision, UnsafeName
 from worker.formats import ResultScanner
 from worker.idset import FingerprintCounts
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
@@ -93,7 +101,7 @@ class LocalUnit:
         self.appends_used = 0
 
     async def append(self, data: bytes) -> None:
-        async with aiofiles.open(self._result, "ab") as file:
+        async with aiofiles.open(self._result, "ab", opener=_no_follow) as file:
             await file.write(data)
             await file.flush()
 
@@ -143,30 +151,61 @@ class LocalSink:
 
         return await asyncio.to_thread(scan)
 
+    async def collides(self, result_path: str) -> bool:
+        try:
+            result = inside(self.root, result_path)
+        except UnsafeName:
+            return True  # a link in the sink leads elsewhere: whatever is there is not the worker's
+        lock = self.root / STATE_FOLDER / f"{result_path}.lock"
+        try:
+            found = os.lstat(result)
+        except FileNotFoundError:
+            return False
+        except NotADirectoryError:
+            return True  # a file of the user's where the result path needs a folder
+        return not stat.S_ISREG(found.st_mode) or not lock.exists()
+
     async def claim(self, result_path: str, version: str) -> LocalUnit | None:
         result = inside(self.root, result_path)
         marker = inside(self.root, f"{STATE_FOLDER}/{result_path}.done")
         lock = inside(self.root, f"{STATE_FOLDER}/{result_path}.lock")
+        if await self.collides(result_path):
+            raise NameCollision(f"{result} was not created by the worker: it is left untouched")
         lock.parent.mkdir(parents=True, exist_ok=True)
         result.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
+        try:
+            return await self._open_unit(result, marker, fd, version)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def _open_unit(self, result: Path, marker: Path, fd: int, version: str) -> LocalUnit | None:
+        """Under the lock: None when the unit is complete at `version`, else its result file, created by the
+        worker when missing, scanned for the ids it records (a torn last line is cut off)."""
         finished = _read_marker(marker)
         if finished is not None and (not finished[1] or not version or finished[1] == version):
             os.close(fd)
             return None
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(result, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+        if not stat.S_ISREG(os.lstat(result).st_mode):  # replaced since `collides` looked
+            raise NameCollision(f"{result} was not created by the worker: it is left untouched")
         scanner = ResultScanner()
-        if result.exists():
-            async with aiofiles.open(result, "rb") as file:
-                while chunk := await file.read(READ_CHUNK):
-                    scanner.feed(chunk)
-            if scanner.complete < result.stat().st_size:
-                with result.open("r+b") as torn:
-                    torn.truncate(scanner.complete)
+        async with aiofiles.open(result, "rb", opener=_no_follow) as file:
+            while chunk := await file.read(READ_CHUNK):
+                scanner.feed(chunk)
+        if scanner.complete < os.lstat(result).st_size:
+            torn = os.open(result, os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                os.ftruncate(torn, scanner.complete)
+            finally:
+                os.close(torn)
         return LocalUnit(result, marker, fd, scanner.ids, version=version)
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
