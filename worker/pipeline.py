@@ -14,6 +14,7 @@ still in flight: they are "interrupted", not failed, and the next run picks them
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -76,11 +77,15 @@ class UnitWriter:
         self.unwritten = 0
 
     def add(self, line: bytes, error_code: str | None, release: Release = _nothing) -> None:
-        """Queue one result line; `error_code` None means a success."""
+        """Queue one result line; `error_code` None means a success. A line longer than the result file
+        takes becomes a final `response_too_large` error record: writing it would fail at every run."""
         if self.failed is not None:
             self.interrupt()
             release()
             return
+        limit = self._unit.max_line_bytes
+        if limit is not None and len(line) > limit:
+            line, error_code = _too_large(line, limit), "response_too_large"
         self._pending.append((line, error_code, release))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -126,6 +131,28 @@ class UnitWriter:
             await asyncio.shield(self._flusher)
         if self._pending and self.failed is None:
             await self._flush()
+
+
+def _too_large(line: bytes, limit: int) -> bytes:
+    """The error record standing in for a result line longer than `limit`: the same custom_id, the
+    response's status and request id without its body."""
+    record = json.loads(line)
+    response = record.get("response")
+    log.warning("item.response_too_large", custom_id=record["custom_id"], bytes=len(line), limit=limit)
+    return formats.result_line(
+        record["custom_id"],
+        response=None
+        if response is None
+        else {
+            "status_code": response.get("status_code"),
+            "request_id": response.get("request_id"),
+            "body": None,
+        },
+        error=formats.error_record(
+            "response_too_large",
+            f"the result line is {len(line)} bytes; a result file in this sink takes lines of at most {limit} bytes",
+        ),
+    )
 
 
 class Pipeline:

@@ -304,3 +304,31 @@ def test_a_users_blob_at_a_result_path_is_never_leased_or_appended_to(stack: Loc
     assert stack.openai.stats()["requests"] == 1
     problems = manifest(stack, container, "", "first")["input_problems"]
     assert {"file": "a.txt", "code": "name_collision"} in problems
+
+
+def test_a_result_line_over_4_mib_is_written_once_and_the_rerun_makes_no_calls(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    stack.openai.configure(embedding_dimensions=8192)
+    embed = {"custom_id": "big", "method": "POST", "url": "/embeddings"}
+    embed["body"] = {"input": [f"passage {n}" for n in range(40)]}  # 40 × 8192 floats: about 6.5 MB of JSON
+    upload(
+        stack, source, {"embed.jsonl": json.dumps(embed).encode() + b"\n" + batch_line("small", "hi") + b"\n"}
+    )
+    args = ["--source", stack.blob_url(source), "--sink", stack.blob_url(sink)]
+
+    run = run_worker(stack, *args)
+
+    assert run.code == 0, run.stdout[-3000:]
+    client = stack.blob_service().get_container_client(sink)
+    lines = client.download_blob("embed.jsonl.results.jsonl").readall().splitlines()
+    by_id = {json.loads(line)["custom_id"]: line for line in lines}
+    assert sorted(by_id) == ["big", "small"]
+    assert len(by_id["big"]) > 4 * 1024 * 1024
+    big = json.loads(by_id["big"])
+    assert big["error"] is None
+    assert len(big["response"]["body"]["data"]) == 40
+    assert (run.summary["succeeded"], run.summary["failed"]) == (2, 0)
+
+    rerun = run_worker(stack, *args)
+    assert (rerun.code, rerun.summary["skipped"]) == (0, 2)
+    assert stack.openai.stats()["requests"] == 2

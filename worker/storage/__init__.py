@@ -58,6 +58,9 @@ class ClaimedUnit(Protocol):
     """Appends one result file takes (an append blob: 50,000 blocks); None = no limit."""
     appends_used: int
     """Appends the result file holds so far, this run's and earlier runs'."""
+    max_line_bytes: int | None
+    """The longest result line one append takes (an append blob: 100 MiB); None = no limit. The writer
+    replaces a longer line with a `response_too_large` error record."""
 
     async def append(self, data: bytes) -> None:
         """Append complete result lines durably; raises LeaseLost when the claim is gone."""

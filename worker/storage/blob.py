@@ -34,7 +34,7 @@ from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_line
 
 log = structlog.get_logger("worker.storage")
 
-MAX_APPEND_BYTES = 4 * 1024 * 1024
+MIB = 1024 * 1024
 MAX_APPEND_BLOCKS = 50_000
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
@@ -119,8 +119,15 @@ class BlobSource:
                 yield line
 
 
+def append_block_limit(api_version: str) -> int:
+    """The most bytes one Append Block takes at a service version (x-ms-version): 100 MiB since
+    2022-11-02, 4 MiB before. azure-storage-blob 12.31 sends 2026-10-06; Azurite 3.37 takes 100 MiB too."""
+    return 100 * MIB if api_version >= "2022-11-02" else 4 * MIB
+
+
 class BlobUnit:
-    """An append blob held under a renewed lease."""
+    """An append blob held under a renewed lease. One append (one Append Block) takes at most
+    `max_line_bytes`, so a result line longer than that cannot be written at all."""
 
     def __init__(
         self,
@@ -141,6 +148,8 @@ class BlobUnit:
         self._lost = False
         self.done_ids = done_ids
         self.max_appends: int | None = MAX_APPEND_BLOCKS
+        self._block_limit = append_block_limit(blob.api_version)
+        self.max_line_bytes: int | None = self._block_limit
         self.appends_used = appends_used
         self._renewer = asyncio.create_task(self._keep_lease(), name=f"lease:{blob.blob_name}")
 
@@ -166,15 +175,12 @@ class BlobUnit:
 
     async def append(self, data: bytes) -> None:
         self._check()
+        limit = self._block_limit
         start = 0
         while start < len(data):
-            end = (
-                len(data)
-                if len(data) - start <= MAX_APPEND_BYTES
-                else data.rfind(b"\n", start, start + MAX_APPEND_BYTES) + 1
-            )
+            end = len(data) if len(data) - start <= limit else data.rfind(b"\n", start, start + limit) + 1
             if end <= start:
-                raise ValueError("a single result line exceeds 4 MiB")
+                raise ValueError(f"a single result line exceeds {limit} bytes, what one append takes")
             await self._append_once(data[start:end])
             start = end
 
