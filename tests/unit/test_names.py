@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from worker.errors import NameCollision, UnsafeName
-from worker.storage.local import LocalSink
+from worker.storage import SourceFile
+from worker.storage.local import LocalSink, LocalSource
 from worker.storage.names import inside, name_problem, shown
 
 
@@ -95,3 +96,20 @@ def test_a_local_sink_never_claims_a_result_path_it_did_not_create(tmp_path: Pat
     assert unit is not None
     asyncio.run(unit.release())
     assert not asyncio.run(sink.collides("new.txt.results.jsonl"))  # now the worker's own
+
+
+def test_a_local_source_lists_links_and_special_files_as_skipped_and_versions_regular_files(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.txt").write_bytes(b"four")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
+    os.mkfifo(tmp_path / "pipe.txt")
+
+    async def listing() -> list[SourceFile]:
+        return [file async for file in LocalSource(tmp_path).list_files()]
+
+    regular, link, pipe = asyncio.run(listing())
+    found = (tmp_path / "a.txt").stat()
+    assert regular == SourceFile("a.txt", 4, f"4-{found.st_mtime_ns}")
+    assert (link.path, link.skip) == ("link.txt", "symlink_skipped")
+    assert (pipe.path, pipe.skip) == ("pipe.txt", "unsupported_file_type")
