@@ -5,6 +5,8 @@
     │   └── AccessDenied       storage or Azure OpenAI refused the identity (a role is missing); exit 2
     ├── LeaseLost              another replica took a work unit this process held; the unit stops
     ├── UnitHeld               another process holds a work unit's lease right now
+    ├── UnsafeName             a path would lead outside SOURCE or SINK; nothing is read or written there
+    ├── NameCollision          a result path holds a file that is not the worker's own; it is never touched
     └── Unfinished             an item ends this run without a record; exit 1, the next run retries it
         └── DeploymentDown     a deployment is out for this run (outage past --outage-seconds, or it
                                asked for a wait longer than the worker may wait, e.g. a daily quota)
@@ -44,3 +46,11 @@ class DeploymentDown(Unfinished):
     def __init__(self, deployment: str, reason: str) -> None:
         super().__init__(f"deployment {deployment!r} {reason}")
         self.deployment = deployment
+
+
+class UnsafeName(WorkerError):
+    """A name is not valid (see storage.names) or its path resolves outside its root: it is not used."""
+
+
+class NameCollision(WorkerError):
+    """The result path of an input is taken by a file or blob the worker did not create."""

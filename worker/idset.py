@@ -13,6 +13,8 @@ leaves no large freed blocks behind (doubling hash tables left as much again in 
 - 64-bit fingerprints are what duplicate detection inside an input file uses, where a collision (odds
   ~3e-8 at a million lines) is only a *suspect*: the parser confirms it against the file before calling a
   line a duplicate (see formats.BatchFileParser), so the answer is exact.
+- A finished unit's input version (an ETag) is kept as a 64-bit fingerprint next to its count: it only has
+  to tell "the same version" from "another one", and a changed input taken for unchanged has odds of 5e-20.
 
 The key is random per process: fingerprints are never stored or compared across runs.
 """
@@ -28,11 +30,11 @@ SHARDS = 256
 
 
 class _FingerprintTable:
-    """Per shard, parallel arrays sorted by `high`: high word, low word (128 bits), value (counts)."""
+    """Per shard, parallel arrays sorted by `high`: high word, low word (128 bits), value columns."""
 
     __slots__ = ("_high", "_key", "_len", "_low", "_values", "_wide")
 
-    def __init__(self, *, bits: int, with_values: bool) -> None:
+    def __init__(self, *, bits: int, value_columns: int) -> None:
         if bits not in (64, 128):
             raise ValueError("bits must be 64 or 128")
         self._wide = bits == 128
@@ -40,15 +42,17 @@ class _FingerprintTable:
         # Shards are created on first use: a set of one id stays small.
         self._high: list[array[int] | None] = [None] * SHARDS
         self._low: list[array[int] | None] | None = [None] * SHARDS if self._wide else None
-        self._values: list[array[int] | None] | None = [None] * SHARDS if with_values else None
+        self._values: list[list[array[int] | None]] = [[None] * SHARDS for _ in range(value_columns)]
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
+    def _digest(self, item: str, size: int) -> bytes:
+        return blake2b(item.encode("utf-8", "surrogatepass"), digest_size=size, key=self._key).digest()
+
     def _fingerprint(self, item: str) -> tuple[int, int, int]:
-        size = 17 if self._wide else 9
-        digest = blake2b(item.encode("utf-8", "surrogatepass"), digest_size=size, key=self._key).digest()
+        digest = self._digest(item, 17 if self._wide else 9)
         low = int.from_bytes(digest[9:17], "little") if self._wide else 0
         return digest[0], int.from_bytes(digest[1:9], "little"), low
 
@@ -68,19 +72,19 @@ class _FingerprintTable:
             index += 1
         return False, index
 
-    def _insert(self, item: str, value: int) -> bool:
-        """Store the item's fingerprint (and value); True when the fingerprint was not there before."""
+    def _insert(self, item: str, *values: int) -> bool:
+        """Store the item's fingerprint (and values); True when the fingerprint was not there before."""
         shard, high, low = self._fingerprint(item)
         found, index = self._locate(shard, high, low)
         if found:
-            if self._values is not None:
-                self._column(self._values, shard)[index] = value
+            for column, value in zip(self._values, values, strict=True):
+                self._column(column, shard)[index] = value
             return False
         self._column(self._high, shard).insert(index, high)
         if self._low is not None:
             self._column(self._low, shard).insert(index, low)
-        if self._values is not None:
-            self._column(self._values, shard).insert(index, value)
+        for column, value in zip(self._values, values, strict=True):
+            self._column(column, shard).insert(index, value)
         self._len += 1
         return True
 
@@ -99,7 +103,7 @@ class _FingerprintTable:
 
     def nbytes(self) -> int:
         """Bytes held by the fingerprint arrays (not counting their small fixed headers)."""
-        columns = [self._high, self._low or [], self._values or []]
+        columns = [self._high, self._low or [], *self._values]
         return sum(len(column) * column.itemsize for shards in columns for column in shards if column)
 
 
@@ -109,34 +113,54 @@ class FingerprintSet(_FingerprintTable):
     __slots__ = ()
 
     def __init__(self, *, bits: int = 128) -> None:
-        super().__init__(bits=bits, with_values=False)
+        super().__init__(bits=bits, value_columns=0)
 
     def __contains__(self, item: object) -> bool:
         return isinstance(item, str) and self._lookup(item) is not None
 
     def add(self, item: str) -> bool:
         """Remember `item`; True when it was not there before."""
-        return self._insert(item, 0)
+        return self._insert(item)
 
 
 class FingerprintCounts(_FingerprintTable):
-    """A grow-only map from string to a non-negative count, keyed by 128-bit fingerprint."""
+    """A grow-only map from string to a non-negative count and the version it was counted at.
+
+    Keys are 128-bit fingerprints; a version is kept as a 64-bit fingerprint (0: none recorded), which can
+    only say whether a later version string is the same one.
+    """
 
     __slots__ = ()
 
     def __init__(self) -> None:
-        super().__init__(bits=128, with_values=True)
+        super().__init__(bits=128, value_columns=2)
 
-    def __setitem__(self, item: str, count: int) -> None:
+    def put(self, item: str, count: int, version: str | None = None) -> None:
+        """Remember `item` → `count` at `version` (None or "" = unknown: never reported as changed)."""
         if count < 0:
             raise ValueError("counts are non-negative")
-        self._insert(item, count)
+        self._insert(item, count, self._version(version))
 
     def get(self, item: str) -> int | None:
+        """The item's count, or None when it is not there."""
+        return self._value(item, 0)
+
+    def changed(self, item: str, version: str) -> bool:
+        """Whether `item` was recorded at a known version other than `version`."""
+        recorded = self._value(item, 1)
+        current = self._version(version)
+        return bool(recorded and current and recorded != current)
+
+    def _version(self, version: str | None) -> int:
+        if not version:
+            return 0
+        return int.from_bytes(self._digest(version, 8), "little") or 1
+
+    def _value(self, item: str, column: int) -> int | None:
         where = self._lookup(item)
         if where is None:
             return None
         shard, index = where
-        values = self._values[shard] if self._values is not None else None
-        assert values is not None  # a found key has its value column
+        values = self._values[column][shard]
+        assert values is not None  # a found key has its value columns
         return values[index]

@@ -126,6 +126,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
                 "units_done",
                 "units_skipped",
                 "units_held",
+                "changed_inputs",
             )
         },
         "calls": {

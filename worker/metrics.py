@@ -49,6 +49,8 @@ class RunStats:
     units_done: int = 0
     units_skipped: int = 0
     units_held: int = 0
+    changed_inputs: int = 0
+    """Inputs completed earlier whose version changed since: re-read; their recorded ids keep their record."""
     requests: int = 0
     retries: int = 0
     throttled: int = 0
@@ -76,6 +78,7 @@ class RunStats:
             "skipped": self.skipped,
             "interrupted": self.interrupted,
             "held": self.units_held,
+            "changed_inputs": self.changed_inputs,
             "requests": self.requests,
             "retries": self.retries,
             "throttled": self.throttled,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from worker import formats
 from worker.calls import Caller, Outcome
 from worker.errors import ConfigError, DeploymentDown, LeaseLost, Unfinished, UnitHeld
 from worker.formats import Duplicate, Parsed, Rejected, Request
+from worker.idset import FingerprintCounts
 from worker.metrics import RunStats
-from worker.storage import ClaimedUnit, Sink, Source, SourceFile
+from worker.storage import SKIP_REASONS, ClaimedUnit, Sink, Source, SourceFile, names
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -77,11 +79,15 @@ class UnitWriter:
         self.unwritten = 0
 
     def add(self, line: bytes, error_code: str | None, release: Release = _nothing) -> None:
-        """Queue one result line; `error_code` None means a success."""
+        """Queue one result line; `error_code` None means a success. A line longer than the result file
+        takes becomes a final `response_too_large` error record: writing it would fail at every run."""
         if self.failed is not None:
             self.interrupt()
             release()
             return
+        limit = self._unit.max_line_bytes
+        if limit is not None and len(line) > limit:
+            line, error_code = _too_large(line, limit), "response_too_large"
         self._pending.append((line, error_code, release))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -127,6 +133,28 @@ class UnitWriter:
             await asyncio.shield(self._flusher)
         if self._pending and self.failed is None:
             await self._flush()
+
+
+def _too_large(line: bytes, limit: int) -> bytes:
+    """The error record standing in for a result line longer than `limit`: the same custom_id, the
+    response's status and request id without its body."""
+    record = json.loads(line)
+    response = record.get("response")
+    log.warning("item.response_too_large", custom_id=record["custom_id"], bytes=len(line), limit=limit)
+    return formats.result_line(
+        record["custom_id"],
+        response=None
+        if response is None
+        else {
+            "status_code": response.get("status_code"),
+            "request_id": response.get("request_id"),
+            "body": None,
+        },
+        error=formats.error_record(
+            "response_too_large",
+            f"the result line is {len(line)} bytes; a result file in this sink takes lines of at most {limit} bytes",
+        ),
+    )
 
 
 class Pipeline:
@@ -209,20 +237,7 @@ class Pipeline:
                 if self._stopping.is_set():
                     self.work_remains = True
                     break
-                if self._exclude(file.path):
-                    continue
-                if formats.input_kind(file.path) is None:
-                    log.info(
-                        "input.skipped", file=file.path, reason="not an input type (.txt .md .json .jsonl)"
-                    )
-                    self._stats.problem(file=file.path, code="unsupported_file_type")
-                    continue
-                done_items = finished.get(formats.result_path(file.path))
-                if done_items is not None:
-                    self._stats.total += done_items
-                    self._stats.skipped += done_items
-                    self._stats.units_skipped += 1
-                    self._on_progress(done_items)
+                if not await self._wanted(file, finished):
                     continue
                 await self._open_units.acquire()
                 task = asyncio.create_task(self._run_unit(file), name=f"unit:{file.path}")
@@ -238,10 +253,46 @@ class Pipeline:
         if self.fatal is not None:
             raise self.fatal
 
+    async def _wanted(self, file: SourceFile, finished: FingerprintCounts) -> bool:
+        """Whether a listed file is a unit to work on; what is not is reported or counted here."""
+        if self._exclude(file.path):
+            return False
+        if file.skip is not None:
+            self._skip(file.path, file.skip, SKIP_REASONS[file.skip])
+            return False
+        if (problem := names.name_problem(file.path)) is not None:
+            self._skip(file.path, "invalid_name", problem)
+            return False
+        if formats.input_kind(file.path) is None:
+            log.info("input.skipped", file=file.path, reason="not an input type (.txt .md .json .jsonl)")
+            self._stats.problem(file=file.path, code="unsupported_file_type")
+            return False
+        result_path = formats.result_path(file.path)
+        done_items = finished.get(result_path)
+        if done_items is not None and not finished.changed(result_path, file.version):
+            self._stats.total += done_items
+            self._stats.skipped += done_items
+            self._stats.units_skipped += 1
+            self._on_progress(done_items)
+            return False
+        if await self._sink.collides(result_path):
+            reason = f"its result path {result_path} under SINK holds a file the worker did not create"
+            self._skip(file.path, "name_collision", reason)
+            return False
+        if done_items is not None:
+            log.info("input.changed", file=file.path, items_before=done_items)
+            self._stats.changed_inputs += 1
+        return True
+
+    def _skip(self, path: str, code: str, reason: str) -> None:
+        """An entry of SOURCE that is not read: logged and listed in the manifest, with no record."""
+        log.warning("input.skipped", file=names.shown(path), code=code, reason=reason)
+        self._stats.problem(file=names.shown(path), code=code)
+
     async def _run_unit(self, file: SourceFile) -> None:
         """Claim one unit and work it; called holding an open-unit slot, which it releases."""
         try:
-            unit = await self._claim(formats.result_path(file.path))
+            unit = await self._claim(formats.result_path(file.path), file.version)
         except ConfigError as error:
             self._open_units.release()
             self._fail(error)
@@ -272,7 +323,7 @@ class Pipeline:
             self._claimed.discard(unit)
             self._open_units.release()
 
-    async def _claim(self, result_path: str) -> ClaimedUnit | None:
+    async def _claim(self, result_path: str, version: str) -> ClaimedUnit | None:
         """Claim a unit; None when it is (or becomes) finished.
 
         While another process holds it, the open-unit slot is given up and the claim is tried again
@@ -281,7 +332,7 @@ class Pipeline:
         (it renews): UnitHeld is raised, as it is when the run is stopping.
         """
         try:
-            return await self._sink.claim(result_path)
+            return await self._sink.claim(result_path, version)
         except UnitHeld:
             pass
         self._open_units.release()
@@ -296,7 +347,7 @@ class Pipeline:
                 if self._stopping.is_set():
                     raise UnitHeld(result_path)
                 try:
-                    return await self._sink.claim(result_path)
+                    return await self._sink.claim(result_path, version)
                 except UnitHeld:
                     if loop.time() - held_since > self._limits.lease_seconds + poll:
                         raise

@@ -35,8 +35,8 @@ def test_memory_is_the_fingerprint_and_nothing_else(bits: int, per_id: int) -> N
     assert ids.nbytes() == 100_000 * per_id
     counts = FingerprintCounts()
     for n in range(1000):
-        counts[f"f{n}"] = n
-    assert counts.nbytes() == 1000 * 24
+        counts.put(f"f{n}", n, f"etag-{n}")
+    assert counts.nbytes() == 1000 * 32  # the key, the count, the version
 
 
 def test_only_64_or_128_bits() -> None:
@@ -48,14 +48,30 @@ def test_counts_keep_their_values_through_growth_and_overwrite() -> None:
     counts = FingerprintCounts()
     total = 30 * SHARDS
     for n in range(total):
-        counts[f"dir/file-{n}.txt.results.jsonl"] = n * 3
-    counts["dir/file-5.txt.results.jsonl"] = 99
+        counts.put(f"dir/file-{n}.txt.results.jsonl", n * 3)
+    counts.put("dir/file-5.txt.results.jsonl", 99)
     assert len(counts) == total
     assert counts.get("dir/file-5.txt.results.jsonl") == 99
     assert all(counts.get(f"dir/file-{n}.txt.results.jsonl") == n * 3 for n in range(total) if n != 5)
     assert counts.get("dir/file-0.txt") is None
     with pytest.raises(ValueError, match="non-negative"):
-        counts["x"] = -1
+        counts.put("x", -1)
+
+
+def test_a_version_tells_same_from_changed_and_none_recorded_is_unchanged() -> None:
+    counts = FingerprintCounts()
+    counts.put("a", 3, '"0x8DC1"')
+    counts.put("old", 2)  # a marker written before versions were recorded
+    counts.put("b", 1, "10-1700000000000000000")
+    assert counts.get("a") == 3
+    assert not counts.changed("a", '"0x8DC1"')
+    assert counts.changed("a", '"0x8DC2"')
+    assert not counts.changed("old", "anything")
+    assert not counts.changed("a", "")  # the source did not say
+    assert counts.changed("b", "13-1700000000000000000")
+    assert not counts.changed("missing", "v")
+    counts.put("a", 4, '"0x8DC2"')
+    assert (counts.get("a"), counts.changed("a", '"0x8DC2"')) == (4, False)
 
 
 def test_an_empty_or_tiny_set_allocates_almost_nothing() -> None:

@@ -1,7 +1,9 @@
 """UnitWriter: group commit, slot release after the write, the append limit of a result file."""
 
 import asyncio
+import json
 
+from worker import formats
 from worker.metrics import RunStats
 from worker.pipeline import ResultFileFull, UnitWriter
 
@@ -9,9 +11,12 @@ from worker.pipeline import ResultFileFull, UnitWriter
 class MemoryUnit:
     """An in-memory result file whose appends wait until the test lets them finish."""
 
-    def __init__(self, *, max_appends: int | None = None, appends_used: int = 0) -> None:
+    def __init__(
+        self, *, max_appends: int | None = None, appends_used: int = 0, max_line_bytes: int | None = None
+    ) -> None:
         self.done_ids: set[str] = set()
         self.max_appends = max_appends
+        self.max_line_bytes = max_line_bytes
         self.appends_used = appends_used
         self.appends: list[bytes] = []
         self.gate = asyncio.Event()
@@ -53,3 +58,25 @@ async def test_a_full_result_file_stops_the_unit_and_counts_the_lines_as_interru
     assert released == ["a"]
     writer.add(b"b\n", None, lambda: released.append("b"))
     assert released == ["a", "b"] and stats.interrupted == 2
+
+
+async def test_a_line_longer_than_one_append_takes_becomes_a_response_too_large_record() -> None:
+    unit, stats, released = MemoryUnit(max_line_bytes=2000), RunStats(), []
+    unit.gate.set()
+    writer = UnitWriter(unit, stats, on_written=lambda n: None)
+    response = {"status_code": 200, "request_id": "req-1", "body": {"data": [{"embedding": [0.5] * 1000}]}}
+    big = formats.result_line("big", response=response)
+    small = formats.result_line("small", response={"status_code": 200, "request_id": "req-2", "body": {}})
+    writer.add(big, None, lambda: released.append("big"))
+    writer.add(small, None, lambda: released.append("small"))
+    await writer.close()
+
+    assert writer.failed is None
+    records = [json.loads(line) for line in b"".join(unit.appends).splitlines()]
+    assert [record["custom_id"] for record in records] == ["big", "small"]
+    assert records[0]["error"]["code"] == "response_too_large"
+    assert str(len(big)) in records[0]["error"]["message"]
+    assert records[0]["response"] == {"status_code": 200, "request_id": "req-1", "body": None}
+    assert records[1]["error"] is None
+    assert (stats.succeeded, stats.failed, dict(stats.errors_by_code)) == (1, 1, {"response_too_large": 1})
+    assert released == ["big", "small"]

@@ -3,8 +3,8 @@
 A *work unit* is one input file. Its results live in one result file under the sink, named by
 `formats.result_path`. A unit is *claimed* before work starts (a blob lease, or a file lock locally), so
 overlapping runs and replicas never work on the same unit at once; a claimed unit reports the custom_ids
-already recorded so a rerun only does what is missing; a finished unit is marked so the next run skips
-it without reading it.
+already recorded so a rerun only does what is missing; a finished unit is marked, with the version of its
+input, so the next run skips it without reading it unless the input changed since.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ class SourceFile:
 
     path: str
     size: int
+    version: str
+    """Changes whenever the content may have: the blob's ETag, or f"{size}-{mtime_ns}" for a local file."""
+    skip: str | None = None
+    """A problem code (a key of SKIP_REASONS) when the entry is listed but must not be read."""
+
+
+SKIP_REASONS = {
+    "symlink_skipped": "a symbolic link: only regular files under SOURCE are read, never a link's target",
+    "unsupported_file_type": "not a regular file (a FIFO, socket or device)",
+}
 
 
 class Source(Protocol):
@@ -49,13 +59,16 @@ class ClaimedUnit(Protocol):
     """Appends one result file takes (an append blob: 50,000 blocks); None = no limit."""
     appends_used: int
     """Appends the result file holds so far, this run's and earlier runs'."""
+    max_line_bytes: int | None
+    """The longest result line one append takes (an append blob: 100 MiB); None = no limit. The writer
+    replaces a longer line with a `response_too_large` error record."""
 
     async def append(self, data: bytes) -> None:
         """Append complete result lines durably; raises LeaseLost when the claim is gone."""
         ...
 
     async def finish(self, items: int) -> None:
-        """Mark the unit complete (all `items` recorded) and release the claim."""
+        """Mark the unit complete (all `items` recorded, at the input version claimed) and release it."""
         ...
 
     async def release(self) -> None:
@@ -71,11 +84,20 @@ class Sink(Protocol):
         ...
 
     async def finished_units(self) -> FingerprintCounts:
-        """Result paths of units marked complete → their item counts."""
+        """Result paths of units marked complete → their item counts and the input versions they were
+        completed at (none for a marker written before versions were recorded)."""
         ...
 
-    async def claim(self, result_path: str) -> ClaimedUnit | None:
-        """Claim a unit; None when it was finished meanwhile; UnitHeld while another process holds it."""
+    async def collides(self, result_path: str) -> bool:
+        """Whether the result path is taken by something the worker did not create (a user's file or blob):
+        that input is reported `name_collision`, and the file is never truncated, leased or appended to."""
+        ...
+
+    async def claim(self, result_path: str, version: str) -> ClaimedUnit | None:
+        """Claim a unit for the input at `version`; None when it was completed at that version (or at
+        an unrecorded one) meanwhile; UnitHeld while another process holds it. A unit completed at another version
+        is claimed again: its result file keeps every record, and `done_ids` has them. Raises NameCollision
+        when the result path turns out to be taken (see `collides`)."""
         ...
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:

@@ -1,9 +1,12 @@
 """A blob prefix as SOURCE or SINK (azure.storage.blob.aio).
 
-Result files are append blobs. Each append is conditional on the blob's length
+Result files are append blobs, created by the worker with the metadata `worker_result=true`: a blob at a
+result path without it (or that is not an append blob) is someone else's, and is never leased or written
+(the input is reported `name_collision`). Each append is conditional on the blob's length
 (`appendpos_condition`), so a retried append never writes a line twice. A unit is claimed with a blob
 lease on its result file, renewed while held; a finished unit carries the metadata
-`worker_complete=true` and `worker_items=N`, which a listing returns, so a rerun skips it unread.
+`worker_complete=true`, `worker_items=N` and `worker_input_version=<the input's ETag>`, which a listing
+returns, so a rerun skips it unread unless the input changed since.
 """
 
 from __future__ import annotations
@@ -24,17 +27,19 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
-from worker.errors import AccessDenied, ConfigError, LeaseLost, UnitHeld
+from worker.errors import AccessDenied, ConfigError, LeaseLost, NameCollision, UnitHeld
 from worker.formats import RESULT_SUFFIX, ResultScanner
-from worker.idset import FingerprintCounts
+from worker.idset import FingerprintCounts, FingerprintSet
 from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
 
 log = structlog.get_logger("worker.storage")
 
-MAX_APPEND_BYTES = 4 * 1024 * 1024
+MIB = 1024 * 1024
 MAX_APPEND_BLOCKS = 50_000
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
+VERSION_KEY = "worker_input_version"
+RESULT_KEY = "worker_result"
 LEASE_GONE_CODES = {
     "LeaseIdMismatchWithBlobOperation",
     "LeaseNotPresentWithBlobOperation",
@@ -98,7 +103,7 @@ class BlobSource:
                 async for blob in self._container.list_blobs(name_starts_with=self._prefix or None):
                     if blob.name.endswith("/"):
                         continue
-                    yield SourceFile(blob.name[len(self._prefix) :], blob.size or 0)
+                    yield SourceFile(blob.name[len(self._prefix) :], blob.size or 0, blob.etag or "")
             except ResourceNotFoundError:
                 raise ConfigError(f"source container {self._where} does not exist: check --source") from None
 
@@ -114,8 +119,15 @@ class BlobSource:
                 yield line
 
 
+def append_block_limit(api_version: str) -> int:
+    """The most bytes one Append Block takes at a service version (x-ms-version): 100 MiB since
+    2022-11-02, 4 MiB before. azure-storage-blob 12.31 sends 2026-10-06; Azurite 3.37 takes 100 MiB too."""
+    return 100 * MIB if api_version >= "2022-11-02" else 4 * MIB
+
+
 class BlobUnit:
-    """An append blob held under a renewed lease."""
+    """An append blob held under a renewed lease. One append (one Append Block) takes at most
+    `max_line_bytes`, so a result line longer than that cannot be written at all."""
 
     def __init__(
         self,
@@ -126,14 +138,18 @@ class BlobUnit:
         *,
         renew_every: float,
         appends_used: int,
+        version: str,
     ) -> None:
         self._blob = blob
+        self._version = version
         self._renew_every = renew_every
         self._lease = lease
         self._length = length
         self._lost = False
         self.done_ids = done_ids
         self.max_appends: int | None = MAX_APPEND_BLOCKS
+        self._block_limit = append_block_limit(blob.api_version)
+        self.max_line_bytes: int | None = self._block_limit
         self.appends_used = appends_used
         self._renewer = asyncio.create_task(self._keep_lease(), name=f"lease:{blob.blob_name}")
 
@@ -159,15 +175,12 @@ class BlobUnit:
 
     async def append(self, data: bytes) -> None:
         self._check()
+        limit = self._block_limit
         start = 0
         while start < len(data):
-            end = (
-                len(data)
-                if len(data) - start <= MAX_APPEND_BYTES
-                else data.rfind(b"\n", start, start + MAX_APPEND_BYTES) + 1
-            )
+            end = len(data) if len(data) - start <= limit else data.rfind(b"\n", start, start + limit) + 1
             if end <= start:
-                raise ValueError("a single result line exceeds 4 MiB")
+                raise ValueError(f"a single result line exceeds {limit} bytes, what one append takes")
             await self._append_once(data[start:end])
             start = end
 
@@ -192,7 +205,8 @@ class BlobUnit:
         self._check()
         with storage_errors("mark complete", self._blob.blob_name):
             await self._blob.set_blob_metadata(
-                {COMPLETE_KEY: "true", ITEMS_KEY: str(items)}, lease=self._lease
+                {RESULT_KEY: "true", COMPLETE_KEY: "true", ITEMS_KEY: str(items), VERSION_KEY: self._version},
+                lease=self._lease,
             )
         await self.release()
 
@@ -215,6 +229,7 @@ class BlobSink:
         self._prefix = prefix
         self._where = where
         self._lease_seconds = lease_seconds
+        self._foreign = FingerprintSet()
 
     async def prepare(self) -> None:
         try:
@@ -235,23 +250,45 @@ class BlobSink:
             await probe.delete_blob()
 
     async def finished_units(self) -> FingerprintCounts:
+        """From one listing: the finished units, and (for `collides`) the result paths taken by blobs
+        the worker did not create."""
         found = FingerprintCounts()
         with storage_errors("list", self._where):
             async for blob in self._container.list_blobs(
                 name_starts_with=self._prefix or None, include=["metadata"]
             ):
+                if not blob.name.endswith(RESULT_SUFFIX):
+                    continue
                 metadata = blob.metadata or {}
-                if blob.name.endswith(RESULT_SUFFIX) and metadata.get(COMPLETE_KEY) == "true":
+                if not _worker_result(blob.blob_type, metadata):
+                    self._foreign.add(blob.name[len(self._prefix) :])
+                elif metadata.get(COMPLETE_KEY) == "true":
                     with contextlib.suppress(ValueError):
-                        found[blob.name[len(self._prefix) :]] = int(metadata.get(ITEMS_KEY, "0"))
+                        found.put(
+                            blob.name[len(self._prefix) :],
+                            int(metadata.get(ITEMS_KEY, "0")),
+                            metadata.get(VERSION_KEY),
+                        )
         return found
 
-    async def claim(self, result_path: str) -> BlobUnit | None:
+    async def collides(self, result_path: str) -> bool:
+        """As of the last `finished_units` listing; `claim` checks again before it takes a lease."""
+        return result_path in self._foreign
+
+    async def claim(self, result_path: str, version: str) -> BlobUnit | None:
         blob = self._container.get_blob_client(self._prefix + result_path)
         where = f"{self._where}{result_path}"
         with storage_errors("write", where):
-            with contextlib.suppress(ResourceExistsError, ResourceNotFoundError):
-                await blob.create_append_blob(match_condition=MatchConditions.IfMissing)
+            try:
+                await blob.create_append_blob(
+                    metadata={RESULT_KEY: "true"}, match_condition=MatchConditions.IfMissing
+                )
+            except ResourceExistsError:
+                existing = await blob.get_blob_properties()
+                if not _worker_result(existing.blob_type, existing.metadata):
+                    _collision(where)
+            except ResourceNotFoundError:
+                pass
             lease = BlobLeaseClient(blob)
             try:
                 await lease.acquire(lease_duration=self._lease_seconds)
@@ -261,11 +298,11 @@ class BlobSink:
                 raise
             try:
                 properties = await blob.get_blob_properties(lease=lease)
-                if (properties.metadata or {}).get(COMPLETE_KEY) == "true":
+                if not _worker_result(properties.blob_type, properties.metadata):  # replaced meanwhile
+                    _collision(where)
+                if _complete_at(properties.metadata or {}, version):
                     await lease.release()
                     return None
-                if properties.blob_type != "AppendBlob":
-                    _not_append_blob(where)
                 scanner = ResultScanner()
                 length = 0
                 if properties.size:
@@ -283,6 +320,7 @@ class BlobSink:
             scanner.ids,
             renew_every=self._lease_seconds / 3,
             appends_used=properties.append_blob_committed_block_count or 0,
+            version=version,
         )
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
@@ -292,8 +330,23 @@ class BlobSink:
         return f"{self._where}{MANIFEST_FOLDER}/{run_id}.json"
 
 
-def _not_append_blob(where: str) -> NoReturn:
-    raise ConfigError(f"{where} exists and is not an append blob: move it out of the sink")
+def _complete_at(metadata: dict[str, str], version: str) -> bool:
+    """Whether a result blob is marked complete for this input version (or for an unrecorded one)."""
+    if metadata.get(COMPLETE_KEY) != "true":
+        return False
+    recorded = metadata.get(VERSION_KEY)
+    return not recorded or not version or recorded == version
+
+
+def _collision(where: str) -> NoReturn:
+    raise NameCollision(f"{where} was not created by the worker: it is left untouched")
+
+
+def _worker_result(blob_type: object, metadata: dict[str, str] | None) -> bool:
+    """Whether a blob at a result path is the worker's own: an append blob it created (marked at creation;
+    a blob a worker finished before that mark existed carries `worker_complete`)."""
+    metadata = metadata or {}
+    return blob_type == "AppendBlob" and (RESULT_KEY in metadata or metadata.get(COMPLETE_KEY) == "true")
 
 
 def _json_content() -> dict[str, Any]:
