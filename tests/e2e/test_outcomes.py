@@ -6,6 +6,7 @@ fakes when an observed event says the run has reached the moment that matters.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from typing import Any
@@ -24,6 +25,11 @@ from tests.e2e.helpers import (
 )
 from tests.e2e.test_resilience import assert_exactly_once, batch_files
 from tests.stack import LocalStack
+from worker import formats
+from worker.services import open_clients
+from worker.settings import load_settings
+from worker.storage.blob import SCANS_AT_ONCE, BlobSink
+from worker.storage.urls import parse_location
 
 
 def blob_args(stack: LocalStack, source: str, sink: str, *extra: str) -> list[str]:
@@ -258,3 +264,62 @@ def test_a_failed_token_refresh_keeps_the_valid_token_in_use(stack: LocalStack) 
     assert run.code == 0, run.stdout[-3000:]
     assert refresh_attempts >= 1  # a refresh was due and failed, and the valid token stayed in use
     assert_exactly_once(results(stack, sink), ids)
+
+
+async def test_a_claim_keeps_its_lease_while_it_waits_to_scan_a_partial_result(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim renews its lease from the moment it is acquired: waiting for a scan slot (or scanning a
+    big partial result) for longer than a lease period loses nothing."""
+    for name, value in stack.worker_env("managed-identity").items():
+        monkeypatch.setenv(name, value)
+    url = stack.blob_url(new_container(stack, "out"))
+    settings = load_settings({"sink": url, "auth": "managed-identity", "lease_seconds": 15})
+    result_path = "big.jsonl.results.jsonl"
+    async with open_clients(settings) as clients:
+        sink = clients.sink(parse_location(url, what="--sink"))
+        assert isinstance(sink, BlobSink)
+        await sink.prepare()
+        first = await sink.claim(result_path, "v1")
+        assert first is not None
+        for block in range(20):
+            lines = (formats.result_line(f"done-{block}-{i}", error=None) for i in range(1000))
+            await first.append(b"".join(lines))
+        await first.release()
+
+        for _ in range(SCANS_AT_ONCE):  # every scan slot busy: the next claim waits with its lease held
+            await sink.scan_slots.acquire()
+        claim = asyncio.create_task(sink.claim(result_path, "v1"))
+        blob = stack.blob_service().get_blob_client(url.rsplit("/", 1)[1], result_path)
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < 17:  # longer than the lease: only renewals keep it
+            await asyncio.sleep(0.5)
+            assert blob.get_blob_properties().lease.state == "leased"
+        for _ in range(SCANS_AT_ONCE):
+            sink.scan_slots.release()
+        unit = await claim
+
+        assert unit is not None
+        assert "done-19-999" in unit.done_ids
+        await unit.append(formats.result_line("new-1", error=None))  # the lease is still this claim's
+        await unit.finish(20_001)
+
+
+def test_storage_refusing_appends_mid_run_exits_2_naming_the_role(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    files, _ids = batch_files(2, 60, "role")
+    upload(stack, source, files)
+    stack.openai.configure(latency_ms=100)
+    with stack.storage_proxy().running() as proxy:
+        through_proxy = f"https://127.0.0.1:{proxy.port}/devstoreaccount1/{sink}"
+        process = start_worker(
+            stack, "--source", stack.blob_url(source), "--sink", through_proxy, "--concurrency", "4"
+        )
+        wait_for(stack, "successes", 8)
+        proxy.deny_appends = True  # the role assignment was removed
+        run = finish(process)
+
+    assert run.code == 2, run.stdout[-3000:]
+    assert proxy.appends_denied >= 1
+    assert "Storage Blob Data Contributor" in run.summary["error"]
+    assert run.summary["exit_code"] == 2

@@ -32,6 +32,7 @@ from .directory import (
 from .fake_az import LOGGED_OUT_MARKER
 from .procs import ManagedProcess
 from .scripts import write_fake_az, write_fake_browser
+from .storage_proxy import StorageProxy
 from .tokens import Principal, TokenMint
 from .worker_env import StackEndpoints, worker_env
 
@@ -433,6 +434,13 @@ class LocalStack:
     def start_azurite(self) -> None:
         """Start Azurite again on the same port with the same data."""
         self._started_azurite.start()
+
+    def storage_proxy(self) -> StorageProxy:
+        """A TLS proxy in front of Azurite that can refuse appends with 403 (`with proxy.running():`)."""
+        if self._tls is None:
+            raise RuntimeError("the stack is not started")
+        upstream = self._started_azurite.account_url.rsplit("/", 1)[0]
+        return StorageProxy(upstream, self._tls)
 
     def freeze_azurite(self) -> None:
         """Make storage hang: Azurite is suspended until `thaw_azurite`."""

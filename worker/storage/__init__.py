@@ -9,12 +9,16 @@ input, so the next run skips it without reading it unless the input changed sinc
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Container
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from worker.idset import FingerprintCounts
+
+if TYPE_CHECKING:
+    from worker.formats import ResultScanner
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,17 @@ async def split_lines(chunks: AsyncIterator[bytes], max_line: int = MAX_LINE_BYT
 
 def _line(raw: bytes, max_line: int) -> bytes:
     return OverlongLine(len(raw)) if len(raw) > max_line else raw.rstrip(b"\r")
+
+
+SCAN_SLICE_BYTES = 256 * 1024
+
+
+async def scan_in_slices(scanner: ResultScanner, chunk: bytes) -> None:
+    """Feed a (large) chunk of result lines to `scanner` a slice at a time, yielding to the event loop
+    between slices so lease renewals and calls keep running during a long scan."""
+    for start in range(0, len(chunk), SCAN_SLICE_BYTES):
+        scanner.feed(chunk[start : start + SCAN_SLICE_BYTES])
+        await asyncio.sleep(0)
 
 
 MANIFEST_FOLDER = "_runs"

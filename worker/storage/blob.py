@@ -25,17 +25,19 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
+from azure.storage.blob import BlobProperties
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 
 from worker.errors import AccessDenied, ConfigError, LeaseLost, NameCollision, UnitHeld
 from worker.formats import RESULT_SUFFIX, ResultScanner
 from worker.idset import FingerprintCounts, FingerprintSet
-from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
+from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, scan_in_slices, split_lines
 
 log = structlog.get_logger("worker.storage")
 
 MIB = 1024 * 1024
 MAX_APPEND_BLOCKS = 50_000
+SCANS_AT_ONCE = 4
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
 VERSION_KEY = "worker_input_version"
@@ -129,29 +131,32 @@ class BlobUnit:
     """An append blob held under a renewed lease. One append (one Append Block) takes at most
     `max_line_bytes`, so a result line longer than that cannot be written at all."""
 
-    def __init__(
-        self,
-        blob: BlobClient,
-        lease: BlobLeaseClient,
-        length: int,
-        done_ids: Container[str],
-        *,
-        renew_every: float,
-        appends_used: int,
-        version: str,
-    ) -> None:
+    def __init__(self, blob: BlobClient, lease: BlobLeaseClient, *, renew_every: float, version: str) -> None:
+        """Takes over a lease just acquired and starts renewing it at once; `load` then reads what the
+        result file already holds."""
         self._blob = blob
         self._version = version
         self._renew_every = renew_every
         self._lease = lease
-        self._length = length
+        self._length = 0
         self._lost = False
-        self.done_ids = done_ids
+        self.done_ids: Container[str] = frozenset()
         self.max_appends: int | None = MAX_APPEND_BLOCKS
         self._block_limit = append_block_limit(blob.api_version)
         self.max_line_bytes: int | None = self._block_limit
-        self.appends_used = appends_used
+        self.appends_used = 0
         self._renewer = asyncio.create_task(self._keep_lease(), name=f"lease:{blob.blob_name}")
+
+    async def load(self, properties: BlobProperties) -> None:
+        """Scan the result lines already written (in slices that let the renewer run)."""
+        scanner = ResultScanner()
+        if properties.size:
+            async for chunk in (await self._blob.download_blob(lease=self._lease)).chunks():
+                await scan_in_slices(scanner, chunk)
+                self._length += len(chunk)
+                self._check()
+        self.done_ids = scanner.ids
+        self.appends_used = properties.append_blob_committed_block_count or 0
 
     async def _keep_lease(self) -> None:
         while True:
@@ -230,6 +235,8 @@ class BlobSink:
         self._where = where
         self._lease_seconds = lease_seconds
         self._foreign = FingerprintSet()
+        self.scan_slots = asyncio.Semaphore(SCANS_AT_ONCE)
+        """Partly written result files read at once (on resume); a claim waiting here keeps its lease."""
 
     async def prepare(self) -> None:
         try:
@@ -296,32 +303,21 @@ class BlobSink:
                 if exc.status_code == 409:
                     raise UnitHeld(where) from None
                 raise
+            unit = BlobUnit(blob, lease, renew_every=self._lease_seconds / 3, version=version)
             try:
                 properties = await blob.get_blob_properties(lease=lease)
                 if not _worker_result(properties.blob_type, properties.metadata):  # replaced meanwhile
                     _collision(where)
                 if _complete_at(properties.metadata or {}, version):
-                    await lease.release()
+                    await unit.release()
                     return None
-                scanner = ResultScanner()
-                length = 0
-                if properties.size:
-                    async for chunk in (await blob.download_blob(lease=lease)).chunks():
-                        scanner.feed(chunk)
-                        length += len(chunk)
+                async with self.scan_slots:
+                    await unit.load(properties)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await lease.release()
+                    await unit.release()
                 raise
-        return BlobUnit(
-            blob,
-            lease,
-            length,
-            scanner.ids,
-            renew_every=self._lease_seconds / 3,
-            appends_used=properties.append_blob_committed_block_count or 0,
-            version=version,
-        )
+        return unit
 
     async def write_manifest(self, run_id: str, data: bytes) -> str:
         name = f"{self._prefix}{MANIFEST_FOLDER}/{run_id}.json"

@@ -23,7 +23,7 @@ import aiofiles
 from worker.errors import ConfigError, NameCollision, UnitHeld, UnsafeName
 from worker.formats import ResultScanner
 from worker.idset import FingerprintCounts
-from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, split_lines
+from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, scan_in_slices, split_lines
 from worker.storage.names import inside
 
 READ_CHUNK = 1024 * 1024
@@ -200,7 +200,7 @@ class LocalSink:
         scanner = ResultScanner()
         async with aiofiles.open(result, "rb", opener=_no_follow) as file:
             while chunk := await file.read(READ_CHUNK):
-                scanner.feed(chunk)
+                await scan_in_slices(scanner, chunk)
         if scanner.complete < os.lstat(result).st_size:
             torn = os.open(result, os.O_WRONLY | os.O_NOFOLLOW)
             try:
