@@ -8,7 +8,9 @@ headers never stop or starve the run.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from tests.e2e.helpers import answer_text, batch_line, manifest, new_container, results, run_worker, upload
@@ -150,3 +152,64 @@ def test_a_first_429_behind_a_gateway_without_rate_headers_does_not_starve_the_r
     for dimension in ("tpm", "rpm"):
         pacing = limits[dimension]["pacing"]
         assert pacing is None or pacing >= MIN_REQUESTS_PER_MINUTE, limits
+
+
+def test_one_folder_of_everything_hostile_at_concurrency_1_ends_0_with_one_record_each(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """Every hostile line, file and name in one local folder, a first 429 saying nothing remains, one
+    worker call slot: exit 0, exactly one record per processable item, every other input reported, and a
+    rerun that makes zero calls."""
+    source, sink, outside = tmp_path / "in", tmp_path / "out", tmp_path / "private"
+    for folder in (source, sink, outside):
+        folder.mkdir()
+    (source / "hostile.jsonl").write_bytes(b"\n".join(line for line, _, _ in HOSTILE_LINES) + b"\n")
+    for name, (data, _) in HOSTILE_FILES.items():
+        (source / name).write_bytes(data)
+    (source / "back\\slash.txt").write_text("backslash", encoding="utf-8")
+    (source / "line\nbreak.txt").write_text("newline", encoding="utf-8")
+    with open(os.path.join(os.fsencode(source), b"latin-\xe9.txt"), "wb") as file:
+        file.write(b"a name that is not UTF-8")
+    (outside / "secret.txt").write_text("never send this", encoding="utf-8")
+    (source / "link.txt").symlink_to(outside / "secret.txt")
+    (source / "collide.txt").write_text("my result path is taken", encoding="utf-8")
+    (sink / "collide.txt.results.jsonl").write_bytes(b"the user's own file\n")
+    big = {"input": [f"passage {n}" for n in range(40)], "model": "text-embedding-3-small"}
+    (source / "big.jsonl").write_bytes(request_line("big-embedding", big, "/embeddings") + b"\n")
+    stack.openai.configure(force_429=1, force_429_remaining=0, embedding_dimensions=8192)
+    args = ["--source", str(source), "--sink", str(sink), "--concurrency", "1"]
+
+    run = run_worker(stack, *args)
+
+    assert run.code == 0, run.stdout[-3000:]
+    records: list[dict[str, Any]] = []
+    for path in sink.rglob("*.results.jsonl"):
+        if path.name != "collide.txt.results.jsonl":
+            records += [json.loads(line) for line in path.read_bytes().splitlines()]
+    expected = {custom_id: code for _, custom_id, code in HOSTILE_LINES} | {
+        name: code for name, (_, code) in HOSTILE_FILES.items()
+    }
+    expected["big-embedding"] = None
+    assert Counter(r["custom_id"] for r in records) == Counter(expected.keys())
+    assert {r["custom_id"]: (r["error"] or {}).get("code") for r in records} == expected
+    problems = {(p["file"], p["code"]) for p in run.events if p["event"] == "input.skipped" and "code" in p}
+    problems |= {
+        (p["file"], p["code"])
+        for p in json.loads(next((sink / "_runs").glob("*.json")).read_bytes())["input_problems"]
+    }
+    for name, code in [
+        ("back\\slash.txt", "invalid_name"),
+        ("line\\x0abreak.txt", "invalid_name"),
+        ("latin-\\xe9.txt", "invalid_name"),
+        ("link.txt", "symlink_skipped"),
+        ("collide.txt", "name_collision"),
+    ]:
+        assert (name, code) in problems, (name, code, problems)
+    assert (sink / "collide.txt.results.jsonl").read_bytes() == b"the user's own file\n"
+    calls = stack.openai.stats()["requests"]
+
+    rerun = run_worker(stack, *args)
+
+    assert rerun.code == 0, rerun.stdout[-3000:]
+    assert stack.openai.stats()["requests"] == calls  # zero calls
+    assert rerun.summary["skipped"] == len(expected)
