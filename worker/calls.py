@@ -247,37 +247,13 @@ class Caller:
         spent = reauths = throttles = 0
         while True:
             probe = await circuit.admit()
-            try:
-                async with budget.admit(cost) as permit:
-                    self._stats.throttle_wait_seconds += permit.waited
-                    outcome = await self._attempt(request.url, body, permit)
-            except InvalidResponse as exc:
-                circuit.answered(probe, ok=True)
-                log.warning("item.invalid_response", custom_id=request.custom_id, detail=str(exc)[:300])
-                return exc.outcome
-            except (openai.APIStatusError, *TRANSIENT_ERRORS) as exc:
-                failure: BaseException = exc
-            except BaseException:
-                if probe:
-                    circuit.probe_abandoned()
-                raise
-            else:
-                circuit.answered(probe, ok=True)
+            outcome, failure = await self._attempt_once(request, body, cost, budget, circuit, probe)
+            if failure is None:
+                assert outcome is not None
                 return outcome
-
             verdict = classify(failure)
             if verdict is Verdict.RETRY:
-                circuit.failed(probe, describe_failure(failure))
-                self._stats.retries += 1
-                if circuit.is_open:  # an outage: the item waits for the deployment, spending nothing
-                    continue
-                spent += 1
-                if spent >= self._max_attempts:
-                    raise Unfinished(
-                        f"{spent} attempts failed ({describe_failure(failure)}: {error_message(failure)}) "
-                        "while the deployment was otherwise answering; left for the next run"
-                    )
-                await asyncio.sleep(retry_delay(failure, spent))
+                spent = await self._after_transient(failure, circuit, probe, spent)
                 continue
             assert isinstance(failure, openai.APIStatusError)
             circuit.answered(probe, ok=False)
@@ -292,6 +268,56 @@ class Caller:
                 await self._after_401(failure, reauths)
                 continue
             return self._final(failure, verdict, deployment, named_by_input)
+
+    async def _attempt_once(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        cost: int,
+        budget: RateBudget,
+        circuit: Circuit,
+        probe: bool,
+    ) -> tuple[Outcome | None, BaseException | None]:
+        """One attempt under the budget: (the outcome, None) for an answer worth recording, else
+        (None, the failure); the budget is told what the failure means."""
+        try:
+            async with budget.admit(cost) as permit:
+                self._stats.throttle_wait_seconds += permit.waited
+                try:
+                    outcome = await self._attempt(request.url, body, permit)
+                except (openai.APIStatusError, *TRANSIENT_ERRORS) as exc:
+                    if classify(exc) is Verdict.THROTTLED:
+                        permit.throttled(exc.response.headers)  # type: ignore[union-attr]
+                    else:
+                        permit.failed()
+                    return None, exc
+        except InvalidResponse as exc:
+            log.warning("item.invalid_response", custom_id=request.custom_id, detail=str(exc)[:300])
+            outcome = exc.outcome
+        except BaseException:
+            if probe:
+                circuit.probe_abandoned()
+            raise
+        circuit.answered(probe, ok=True)
+        return outcome, None
+
+    async def _after_transient(
+        self, failure: BaseException, circuit: Circuit, probe: bool, spent: int
+    ) -> int:
+        """A transient failure: during an outage (open circuit) it costs the item nothing; else it spends
+        one attempt, waits `retry_delay`, and past `--max-attempts` leaves the item Unfinished."""
+        circuit.failed(probe, describe_failure(failure))
+        self._stats.retries += 1
+        if circuit.is_open:
+            return spent
+        spent += 1
+        if spent >= self._max_attempts:
+            raise Unfinished(
+                f"{spent} attempts failed ({describe_failure(failure)}: {error_message(failure)}) "
+                "while the deployment was otherwise answering; left for the next run"
+            )
+        await asyncio.sleep(retry_delay(failure, spent))
+        return spent
 
     @staticmethod
     def _throttled(exc: openai.APIStatusError, budget: RateBudget, circuit: Circuit, throttles: int) -> None:

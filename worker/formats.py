@@ -16,11 +16,12 @@ import re
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from worker.idset import FingerprintSet
-from worker.storage import MAX_LINE_BYTES, OverlongLine
+from worker.storage import MAX_LINE_BYTES, OverlongLine, Source, SourceFile
 
 InputKind = Literal["prompt", "body", "batch"]
 KIND_BY_SUFFIX: dict[str, InputKind] = {".txt": "prompt", ".md": "prompt", ".json": "body", ".jsonl": "batch"}
@@ -526,3 +527,45 @@ def custom_ids_in(data: bytes) -> tuple[FingerprintSet, int]:
     scanner = ResultScanner()
     scanner.feed(data)
     return scanner.ids, scanner.complete
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputLimits:
+    """What reading inputs needs from the settings: size limits, the system prompt, the parameters."""
+
+    max_prompt_bytes: int
+    max_jsonl_bytes: int
+    system_prompt: str | None
+    parameters: dict[str, Any]
+
+
+async def read_items(source: Source, file: SourceFile, limits: InputLimits) -> AsyncIterator[Parsed]:
+    """The items of one input file, by its kind: a prompt or a body file is one item; a .jsonl file is
+    read as a stream, line by line (repeated custom_ids confirmed by a second read, see BatchFileParser)."""
+    kind = input_kind(file.path)
+    limit = limits.max_jsonl_bytes if kind == "batch" else limits.max_prompt_bytes
+    if file.size > limit:
+        yield Rejected(file.path, "file_too_large", f"{file.path} is {file.size} bytes; the limit is {limit}")
+        return
+    if kind == "batch":
+        parser = BatchFileParser(file.path, parameters=dict(limits.parameters))
+        number = 0
+        async for raw in source.read_lines(file.path):
+            number += 1
+            parsed = parser.parse_line(number, raw)
+            if parsed is not None:
+                yield parsed
+        if parser.has_suspects:  # a repeated id fingerprint: confirm against the file before judging
+            async with aclosing(source.read_lines(file.path)) as lines:
+                async for parsed in parser.resolve_suspects(lines):
+                    yield parsed
+        if parser.items == 0:
+            yield Rejected(file.path, "empty_input", f"{file.path} holds no request lines")
+        return
+    data = await source.read(file.path)
+    if kind == "prompt":
+        yield parse_prompt_file(
+            file.path, data, system_prompt=limits.system_prompt, parameters=dict(limits.parameters)
+        )
+    else:
+        yield parse_body_file(file.path, data, parameters=dict(limits.parameters))

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -25,7 +24,7 @@ import structlog
 from worker import formats
 from worker.calls import Caller, Outcome
 from worker.errors import ConfigError, DeploymentDown, LeaseLost, Unfinished, UnitHeld
-from worker.formats import Duplicate, Parsed, Rejected, Request
+from worker.formats import Duplicate, InputLimits, Rejected, Request
 from worker.idset import FingerprintCounts
 from worker.metrics import RunStats
 from worker.storage import SKIP_REASONS, ClaimedUnit, Sink, Source, SourceFile, names
@@ -34,24 +33,12 @@ log = structlog.get_logger("worker.pipeline")
 
 
 @dataclass(frozen=True, kw_only=True)
-class PipelineLimits:
+class PipelineLimits(InputLimits):
     concurrency: int
     lease_seconds: float
-    max_prompt_bytes: int
-    max_jsonl_bytes: int
-    system_prompt: str | None
-    parameters: dict[str, object]
 
 
 Release = Callable[[], None]
-SLOW_APPEND_INTERVAL = 0.2
-
-
-class ResultFileFull(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"the result file reached {limit - 100} appends; split this input into smaller files"
-        )
 
 
 def _nothing() -> None:
@@ -63,10 +50,6 @@ class UnitWriter:
 
     A line's `release` runs once its append has finished (or failed): the pipeline holds a call slot
     until then, so "in flight" means called-or-unwritten and a crash loses at most `--concurrency` calls.
-
-    A result file that takes a limited number of appends (an append blob: 50,000 blocks) is written
-    without pause for its first tenth; after that, appends are spaced `SLOW_APPEND_INTERVAL` apart so
-    each carries more lines (at 5 appends/s the rest lasts about 2.5 hours of continuous writing).
     """
 
     def __init__(self, unit: ClaimedUnit, stats: RunStats, on_written: Callable[[int], None]) -> None:
@@ -93,13 +76,10 @@ class UnitWriter:
             self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        limit = self._unit.max_appends
         while self._pending and self.failed is None:
-            if limit is not None and self._unit.appends_used >= limit // 10:
-                await asyncio.sleep(SLOW_APPEND_INTERVAL)
             batch, self._pending = self._pending, []
             try:
-                await asyncio.shield(self._append(b"".join(entry[0] for entry in batch)))
+                await asyncio.shield(self._unit.append(b"".join(entry[0] for entry in batch)))
             except Exception as exc:  # noqa: BLE001 - the unit stops; every unwritten line is counted
                 self.failed = exc
                 for *_, release in batch + self._pending:
@@ -115,12 +95,6 @@ class UnitWriter:
                     self._stats.errors_by_code[code] += 1
                 release()
             self._on_written(len(batch))
-
-    async def _append(self, data: bytes) -> None:
-        limit = self._unit.max_appends
-        if limit is not None and self._unit.appends_used >= limit - 100:
-            raise ResultFileFull(limit)
-        await self._unit.append(data)
 
     def interrupt(self) -> None:
         """An item of this unit ends this run without a record: the unit stays open for the next run."""
@@ -357,71 +331,76 @@ class Pipeline:
     async def _work_unit(self, file: SourceFile, unit: ClaimedUnit) -> None:
         writer = UnitWriter(unit, self._stats, self._on_progress)
         pending: set[asyncio.Task[None]] = set()
-        items = 0
-        complete = True
-        bound = structlog.contextvars.bound_contextvars(file=file.path)
-        with bound:
-            try:
-                async for parsed in self._items(file):
-                    if isinstance(parsed, Duplicate):
-                        log.warning("input.duplicate_custom_id", custom_id=parsed.custom_id, line=parsed.line)
-                        self._stats.problem(
-                            file=file.path,
-                            line=parsed.line,
-                            custom_id=parsed.custom_id,
-                            code="duplicate_custom_id",
-                        )
-                        continue
-                    items += 1
-                    self._stats.total += 1
-                    if parsed.custom_id in unit.done_ids:
-                        self._stats.skipped += 1
-                        self._on_progress(1)
-                        continue
-                    if isinstance(parsed, Rejected):
-                        log.warning(
-                            "input.rejected",
-                            custom_id=parsed.custom_id,
-                            code=parsed.code,
-                            reason=parsed.message,
-                        )
-                        self._stats.problem(
-                            file=file.path, line=parsed.line, custom_id=parsed.custom_id, code=parsed.code
-                        )
-                        writer.add(
-                            formats.result_line(
-                                parsed.custom_id, error=formats.error_record(parsed.code, parsed.message)
-                            ),
-                            parsed.code,
-                        )
-                        continue
-                    if self._stopping.is_set() or writer.failed is not None:
-                        complete = False
-                        break
-                    await self._slots.acquire()
-                    self._busy += 1
-                    if self._stopping.is_set():
-                        self._free_slot()
-                        complete = False
-                        break
-                    call = asyncio.create_task(self._caller.call(parsed))
-                    self._calls.add(call)
-                    call.add_done_callback(self._calls.discard)
-                    task = asyncio.create_task(self._record(parsed, call, writer))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-            except ConfigError as error:
-                complete = False
-                self._fail(error)
-            except Exception as exc:  # noqa: BLE001 - reading failed: the unit stays open for the next run
-                complete = False
-                self.work_remains = True
-                log.warning("unit.read_failed", error=type(exc).__name__, detail=str(exc)[:300])
+        with structlog.contextvars.bound_contextvars(file=file.path):
+            items, read_to_the_end = await self._dispatch(file, unit, writer, pending)
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             await writer.close()
-            complete = complete and writer.failed is None and writer.unwritten == 0
+            complete = read_to_the_end and writer.failed is None and writer.unwritten == 0
             await self._close_unit(unit, writer, complete, items)
+
+    async def _dispatch(
+        self, file: SourceFile, unit: ClaimedUnit, writer: UnitWriter, pending: set[asyncio.Task[None]]
+    ) -> tuple[int, bool]:
+        """Read the unit's items; record each rejected one, call each one not recorded yet.
+        Returns the number of items and whether every item was dispatched."""
+        items = 0
+        try:
+            async for parsed in formats.read_items(self._source, file, self._limits):
+                if isinstance(parsed, Duplicate):
+                    self._report_duplicate(file.path, parsed)
+                    continue
+                items += 1
+                self._stats.total += 1
+                if parsed.custom_id in unit.done_ids:
+                    self._stats.skipped += 1
+                    self._on_progress(1)
+                elif isinstance(parsed, Rejected):
+                    self._record_rejected(file.path, parsed, writer)
+                elif not await self._start_call(parsed, writer, pending):
+                    return items, False
+        except ConfigError as error:
+            self._fail(error)
+            return items, False
+        except Exception as exc:  # noqa: BLE001 - reading failed: the unit stays open for the next run
+            self.work_remains = True
+            log.warning("unit.read_failed", error=type(exc).__name__, detail=str(exc)[:300])
+            return items, False
+        return items, True
+
+    def _report_duplicate(self, path: str, duplicate: Duplicate) -> None:
+        log.warning("input.duplicate_custom_id", custom_id=duplicate.custom_id, line=duplicate.line)
+        self._stats.problem(
+            file=path, line=duplicate.line, custom_id=duplicate.custom_id, code="duplicate_custom_id"
+        )
+
+    def _record_rejected(self, path: str, rejected: Rejected, writer: UnitWriter) -> None:
+        log.warning(
+            "input.rejected", custom_id=rejected.custom_id, code=rejected.code, reason=rejected.message
+        )
+        self._stats.problem(file=path, line=rejected.line, custom_id=rejected.custom_id, code=rejected.code)
+        error = formats.error_record(rejected.code, rejected.message)
+        writer.add(formats.result_line(rejected.custom_id, error=error), rejected.code)
+
+    async def _start_call(
+        self, request: Request, writer: UnitWriter, pending: set[asyncio.Task[None]]
+    ) -> bool:
+        """Take a call slot and start the call and its recording; False when the run is stopping or
+        the unit's results can no longer be written."""
+        if self._stopping.is_set() or writer.failed is not None:
+            return False
+        await self._slots.acquire()
+        self._busy += 1
+        if self._stopping.is_set():
+            self._free_slot()
+            return False
+        call = asyncio.create_task(self._caller.call(request))
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        task = asyncio.create_task(self._record(request, call, writer))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        return True
 
     async def _close_unit(self, unit: ClaimedUnit, writer: UnitWriter, complete: bool, items: int) -> None:
         try:
@@ -479,37 +458,3 @@ class Pipeline:
             if not handed_over:
                 writer.interrupt()
                 self._free_slot()
-
-    async def _items(self, file: SourceFile) -> AsyncIterator[Parsed]:
-        kind = formats.input_kind(file.path)
-        limit = self._limits.max_jsonl_bytes if kind == "batch" else self._limits.max_prompt_bytes
-        if file.size > limit:
-            yield Rejected(
-                file.path, "file_too_large", f"{file.path} is {file.size} bytes; the limit is {limit}"
-            )
-            return
-        if kind == "batch":
-            parser = formats.BatchFileParser(file.path, parameters=dict(self._limits.parameters))
-            number = 0
-            async for raw in self._source.read_lines(file.path):
-                number += 1
-                parsed = parser.parse_line(number, raw)
-                if parsed is not None:
-                    yield parsed
-            if parser.has_suspects:  # a repeated id fingerprint: confirm against the file before judging
-                async with aclosing(self._source.read_lines(file.path)) as lines:
-                    async for parsed in parser.resolve_suspects(lines):
-                        yield parsed
-            if parser.items == 0:
-                yield Rejected(file.path, "empty_input", f"{file.path} holds no request lines")
-            return
-        data = await self._source.read(file.path)
-        if kind == "prompt":
-            yield formats.parse_prompt_file(
-                file.path,
-                data,
-                system_prompt=self._limits.system_prompt,
-                parameters=dict(self._limits.parameters),
-            )
-        else:
-            yield formats.parse_body_file(file.path, data, parameters=dict(self._limits.parameters))

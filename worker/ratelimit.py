@@ -299,12 +299,24 @@ class Permit:
     """One attempt's place in the budget, as an async context manager (see `RateBudget.admit`).
 
     Entering waits for a window slot, the TPM/RPM pacing and any 429 pause. Leaving releases the slot and
-    tells the budget how the attempt went: no exception = success (its latency grows the window), an
-    exception with `status_code == 429` = throttled (cuts the window and the rate), anything else =
-    neutral. Call `observe(response.headers)` on a response so the budget learns the deployment's limit.
+    tells the budget how the attempt went, as the caller classified it: `observe(response.headers)` for
+    an answer (its latency grows the window, its headers teach the deployment's limit), `throttled(headers)`
+    for a 429 (cuts the window and the rate), `failed()` for anything else. Leaving without a verdict is
+    an answer, or neutral when an exception leaves (a cancelled attempt).
     """
 
-    __slots__ = ("_budget", "_held", "admitted_at", "entries", "full_mark", "tokens", "usage", "waited")
+    __slots__ = (
+        "_budget",
+        "_held",
+        "_throttled_headers",
+        "_verdict",
+        "admitted_at",
+        "entries",
+        "full_mark",
+        "tokens",
+        "usage",
+        "waited",
+    )
 
     def __init__(self, budget: RateBudget, tokens: int) -> None:
         self._budget = budget
@@ -315,6 +327,8 @@ class Permit:
         self.entries: tuple[list[float], list[float]] | None = None  # its place in the usage logs
         self.full_mark = 0  # see RateBudget._full_marks
         self._held = False
+        self._verdict: str | None = None
+        self._throttled_headers: Mapping[str, str] = {}
 
     async def __aenter__(self) -> Permit:
         self.full_mark = await self._budget._take_slot()
@@ -339,8 +353,18 @@ class Permit:
         self._budget._finish(self, exc)
 
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn from a response's x-ratelimit-* headers."""
+        """The deployment answered: learn from the response's x-ratelimit-* headers."""
+        self._verdict = "answered"
         self._budget._observe(self, headers)
+
+    def throttled(self, headers: Mapping[str, str]) -> None:
+        """The deployment answered 429 with these headers."""
+        self._verdict = "throttled"
+        self._throttled_headers = headers
+
+    def failed(self) -> None:
+        """The attempt failed otherwise (5xx, timeout, ...): neither a sign of the limit nor of latency."""
+        self._verdict = "failed"
 
 
 class RateBudget:
@@ -529,21 +553,20 @@ class RateBudget:
 
     def _finish(self, permit: Permit, exc: BaseException | None) -> None:
         now = self.clock.now()
-        if exc is None:
+        verdict = permit._verdict or ("answered" if exc is None else None)
+        if verdict == "answered":
             # The window held requests back if it filled up while this one was out, and pacing did not.
             self._succeeded(
                 now - permit.admitted_at, permit.full_mark != self._full_marks and permit.waited == 0
             )
-        elif getattr(exc, "status_code", None) == 429:
+        elif verdict == "throttled":
             if permit.entries is not None:
                 # Azure did not count the refused request: neither in what it says remains, nor here.
                 tokens, requests = permit.entries
                 permit.usage = (permit.usage[0] - tokens[1], permit.usage[1] - requests[1])
                 self.tokens.refund(tokens)
                 self.requests.refund(requests)
-            headers = getattr(getattr(exc, "response", None), "headers", None)
-            if isinstance(headers, Mapping):
-                self._observe(permit, headers, refused=True)
+            self._observe(permit, permit._throttled_headers, refused=True)
             self._throttled(permit, now)
         self._update_needed()
         self._release_slot()

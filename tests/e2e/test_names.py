@@ -310,7 +310,10 @@ def test_a_result_line_over_4_mib_is_written_once_and_the_rerun_makes_no_calls(s
     source, sink = new_container(stack, "src"), new_container(stack, "out")
     stack.openai.configure(embedding_dimensions=8192)
     embed = {"custom_id": "big", "method": "POST", "url": "/embeddings"}
-    embed["body"] = {"input": [f"passage {n}" for n in range(40)]}  # 40 × 8192 floats: about 6.5 MB of JSON
+    embed["body"] = {
+        "input": [f"passage {n}" for n in range(40)],
+        "model": "text-embedding-3-small",
+    }  # ~6.5 MB
     upload(
         stack, source, {"embed.jsonl": json.dumps(embed).encode() + b"\n" + batch_line("small", "hi") + b"\n"}
     )

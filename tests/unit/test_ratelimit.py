@@ -39,13 +39,11 @@ def now() -> float:
 
 
 class Throttled(Exception):
-    """Shaped like openai.RateLimitError as far as the budget looks: status_code and response.headers."""
+    """The simulated deployment answered 429 (the budget was told through `permit.throttled`)."""
 
-    status_code = 429
-
-    def __init__(self, headers: dict[str, str]) -> None:
+    def __init__(self, retry_after_ms: int) -> None:
         super().__init__("429")
-        self.response = type("Response", (), {"headers": headers})()
+        self.retry_after_ms = retry_after_ms
 
 
 def headers(remaining_tokens: int, remaining_requests: int) -> dict[str, str]:
@@ -282,10 +280,9 @@ def test_a_configured_limit_wins_over_headers() -> None:
 
 
 async def throttle(b: RateBudget, cost: int = 100, response_headers: dict[str, str] | None = None) -> None:
-    with pytest.raises(Throttled):
-        async with b.admit(cost):
-            await asyncio.sleep(0.1)
-            raise Throttled(response_headers or {})
+    async with b.admit(cost) as permit:
+        await asyncio.sleep(0.1)
+        permit.throttled(response_headers or {})
 
 
 def test_a_429_with_no_known_limit_cuts_the_rate_then_it_grows_back_linearly() -> None:
@@ -587,14 +584,13 @@ class Simulation:
                                 else {}
                             )
                             if not decision.admitted:
-                                raise Throttled(
-                                    {**response_headers, "retry-after-ms": str(decision.retry_after_ms)}
-                                )
+                                permit.throttled(response_headers)
+                                raise Throttled(decision.retry_after_ms)
                             await asyncio.sleep(0.3 + 0.002 * cost + rng.uniform(0, 0.2))
                             permit.observe(response_headers)
                     except Throttled as exc:
                         self.throttled += 1
-                        budget.pause(int(exc.response.headers["retry-after-ms"]) / 1000)
+                        budget.pause(exc.retry_after_ms / 1000)
                         continue
                     self.served[int(now())] += cost
                     self.served_by_replica[replica] += cost

@@ -1,30 +1,29 @@
-"""UnitWriter: group commit, slot release after the write, the append limit of a result file."""
+"""UnitWriter: group commit, slot release after the write, a result file that takes no more lines."""
 
 import asyncio
 import json
 
 from worker import formats
 from worker.metrics import RunStats
-from worker.pipeline import ResultFileFull, UnitWriter
+from worker.pipeline import UnitWriter
+from worker.storage import ResultFileFull
 
 
 class MemoryUnit:
     """An in-memory result file whose appends wait until the test lets them finish."""
 
-    def __init__(
-        self, *, max_appends: int | None = None, appends_used: int = 0, max_line_bytes: int | None = None
-    ) -> None:
+    def __init__(self, *, full: bool = False, max_line_bytes: int | None = None) -> None:
         self.done_ids: set[str] = set()
-        self.max_appends = max_appends
+        self.full = full
         self.max_line_bytes = max_line_bytes
-        self.appends_used = appends_used
         self.appends: list[bytes] = []
         self.gate = asyncio.Event()
 
     async def append(self, data: bytes) -> None:
         await self.gate.wait()
+        if self.full:
+            raise ResultFileFull("the result file reached 49900 appends; split this input into smaller files")
         self.appends.append(data)
-        self.appends_used += 1
 
     async def finish(self, items: int) -> None: ...
 
@@ -47,7 +46,7 @@ async def test_lines_waiting_during_an_append_go_out_together_and_release_after_
 
 
 async def test_a_full_result_file_stops_the_unit_and_counts_the_lines_as_interrupted() -> None:
-    unit, stats, released = MemoryUnit(max_appends=1000, appends_used=900), RunStats(), []
+    unit, stats, released = MemoryUnit(full=True), RunStats(), []
     unit.gate.set()
     writer = UnitWriter(unit, stats, on_written=lambda n: None)
     writer.add(b"a\n", None, lambda: released.append("a"))

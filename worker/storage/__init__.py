@@ -59,16 +59,14 @@ class ClaimedUnit(Protocol):
     """A work unit this process holds: the only writer of its result file until released."""
 
     done_ids: Container[str]
-    max_appends: int | None
-    """Appends one result file takes (an append blob: 50,000 blocks); None = no limit."""
-    appends_used: int
-    """Appends the result file holds so far, this run's and earlier runs'."""
     max_line_bytes: int | None
     """The longest result line one append takes (an append blob: 100 MiB); None = no limit. The writer
     replaces a longer line with a `response_too_large` error record."""
 
     async def append(self, data: bytes) -> None:
-        """Append complete result lines durably; raises LeaseLost when the claim is gone."""
+        """Append complete result lines durably; raises LeaseLost when the claim is gone, ResultFileFull
+        when the result file takes no more appends. A result file with a limited number of appends paces
+        them itself (the caller's lines accumulate meanwhile, so each append carries more)."""
         ...
 
     async def finish(self, items: int) -> None:
@@ -168,6 +166,10 @@ async def split_lines(chunks: AsyncIterator[bytes], max_line: int = MAX_LINE_BYT
 
 def _line(raw: bytes, max_line: int) -> bytes:
     return OverlongLine(len(raw)) if len(raw) > max_line else raw.rstrip(b"\r")
+
+
+class ResultFileFull(Exception):
+    """A result file takes no more appends: the unit stops and its input should be split."""
 
 
 SCAN_SLICE_BYTES = 256 * 1024

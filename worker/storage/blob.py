@@ -31,12 +31,21 @@ from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
 from worker.errors import AccessDenied, ConfigError, LeaseLost, NameCollision, UnitHeld
 from worker.formats import RESULT_SUFFIX, ResultScanner
 from worker.idset import FingerprintCounts, FingerprintSet
-from worker.storage import MANIFEST_FOLDER, STATE_FOLDER, SourceFile, scan_in_slices, split_lines
+from worker.storage import (
+    MANIFEST_FOLDER,
+    STATE_FOLDER,
+    ResultFileFull,
+    SourceFile,
+    scan_in_slices,
+    split_lines,
+)
 
 log = structlog.get_logger("worker.storage")
 
 MIB = 1024 * 1024
 MAX_APPEND_BLOCKS = 50_000
+APPEND_RESERVE = 100
+SLOW_APPEND_INTERVAL = 0.2
 SCANS_AT_ONCE = 4
 COMPLETE_KEY = "worker_complete"
 ITEMS_KEY = "worker_items"
@@ -141,7 +150,6 @@ class BlobUnit:
         self._length = 0
         self._lost = False
         self.done_ids: Container[str] = frozenset()
-        self.max_appends: int | None = MAX_APPEND_BLOCKS
         self._block_limit = append_block_limit(blob.api_version)
         self.max_line_bytes: int | None = self._block_limit
         self.appends_used = 0
@@ -179,7 +187,17 @@ class BlobUnit:
             raise LeaseLost(f"lease on {self._blob.blob_name} was lost")
 
     async def append(self, data: bytes) -> None:
+        """An append blob takes MAX_APPEND_BLOCKS appends: the first tenth go out at once, later ones
+        `SLOW_APPEND_INTERVAL` apart so that each carries more lines (at 5 appends a second the rest lasts
+        about 2.5 hours of continuous writing); `APPEND_RESERVE` blocks short of the limit the file is full."""
         self._check()
+        if self.appends_used >= MAX_APPEND_BLOCKS - APPEND_RESERVE:
+            raise ResultFileFull(
+                f"the result file reached {MAX_APPEND_BLOCKS - APPEND_RESERVE} appends; split this input into "
+                "smaller files"
+            )
+        if self.appends_used >= MAX_APPEND_BLOCKS // 10:
+            await asyncio.sleep(SLOW_APPEND_INTERVAL)
         limit = self._block_limit
         start = 0
         while start < len(data):
@@ -215,8 +233,11 @@ class BlobUnit:
             )
         await self.release()
 
-    async def release(self) -> None:
+    def stop_renewing(self) -> None:
         self._renewer.cancel()
+
+    async def release(self) -> None:
+        self.stop_renewing()
         with contextlib.suppress(asyncio.CancelledError):
             await self._renewer
         if not self._lost:

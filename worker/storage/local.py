@@ -97,9 +97,7 @@ class LocalUnit:
         self._version = version
         self._lock_fd: int | None = lock_fd
         self.done_ids = done_ids
-        self.max_appends: int | None = None
         self.max_line_bytes: int | None = None
-        self.appends_used = 0
 
     async def append(self, data: bytes) -> None:
         async with aiofiles.open(self._result, "ab", opener=_no_follow) as file:
