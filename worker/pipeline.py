@@ -154,6 +154,9 @@ class Pipeline:
         self._on_progress = on_progress
         self._slots = asyncio.Semaphore(limits.concurrency)
         self._busy = 0  # slots held: calls in flight and answers not yet written
+        self._wanting = 0  # units waiting for a call slot
+        self._starting: dict[str, int] = {}  # units opened, not asking for call slots yet → slots they may take
+        self._capacity = asyncio.Event()  # set when _busy, _wanting or _starting changed
         self._open_units = asyncio.Semaphore(max(4, 2 * limits.concurrency))
         self._calls: set[asyncio.Task[Outcome]] = set()
         self._claimed: set[ClaimedUnit] = set()
@@ -169,6 +172,7 @@ class Pipeline:
                 self._cancel_calls()
             return
         self._stopping.set()
+        self._capacity_changed()
         log.warning("run.stopping", in_flight=len(self._calls), drain_seconds=drain_seconds)
         self._drain_timer = asyncio.get_running_loop().call_later(drain_seconds, self._cancel_calls)
 
@@ -180,11 +184,13 @@ class Pipeline:
     def _free_slot(self) -> None:
         self._busy -= 1
         self._slots.release()
+        self._capacity_changed()
 
     def stop_taking_work(self, reason: str) -> None:
         """Dispatch nothing more; calls in flight run to their end (no drain deadline)."""
         if not self._stopping.is_set():
             self._stopping.set()
+            self._capacity_changed()
             self.work_remains = True
             log.warning("run.stopping", reason=reason, in_flight=len(self._calls))
 
@@ -214,6 +220,9 @@ class Pipeline:
                 if not await self._wanted(file, finished):
                     continue
                 await self._open_units.acquire()
+                await self._until_slots_go_unused()
+                single = formats.input_kind(file.path) != "batch"
+                self._starting[file.path] = 1 if single else self._limits.concurrency
                 task = asyncio.create_task(self._run_unit(file), name=f"unit:{file.path}")
                 units.add(task)
                 task.add_done_callback(units.discard)
@@ -226,6 +235,26 @@ class Pipeline:
                 self._drain_timer.cancel()
         if self.fatal is not None:
             raise self.fatal
+
+    async def _until_slots_go_unused(self) -> None:
+        """Open another unit only when the open ones cannot keep the call slots busy: none of them waits
+        for a slot, and more slots are free than the units still starting (claiming, reading) may take
+        (a prompt or body file one, a .jsonl file all). So a replica takes only the files it can work on,
+        and other replicas get their share."""
+        while not self._stopping.is_set():
+            free = self._limits.concurrency - self._busy
+            if self._wanting == 0 and free > sum(self._starting.values()):
+                return
+            self._capacity.clear()
+            await self._capacity.wait()
+
+    def _capacity_changed(self) -> None:
+        self._capacity.set()
+
+    def _started(self, path: str) -> None:
+        """A unit no longer counts as starting: it asks for call slots, waits for a holder, or ended."""
+        if self._starting.pop(path, None) is not None:
+            self._capacity_changed()
 
     async def _wanted(self, file: SourceFile, finished: FingerprintCounts) -> bool:
         """Whether a listed file is a unit to work on; what is not is reported or counted here."""
@@ -266,38 +295,42 @@ class Pipeline:
     async def _run_unit(self, file: SourceFile) -> None:
         """Claim one unit and work it; called holding an open-unit slot, which it releases."""
         try:
-            unit = await self._claim(formats.result_path(file.path), file.version)
+            unit = await self._claim_or_report(file)
+            if unit is not None:
+                self._claimed.add(unit)
+                try:
+                    await self._work_unit(file, unit)
+                finally:
+                    self._claimed.discard(unit)
+        finally:
+            self._started(file.path)
+            self._open_units.release()
+
+    async def _claim_or_report(self, file: SourceFile) -> ClaimedUnit | None:
+        """The claimed unit, or None when there is nothing to work on (reported here)."""
+        try:
+            unit = await self._claim(file.path, file.version)
         except ConfigError as error:
-            self._open_units.release()
             self._fail(error)
-            return
+            return None
         except UnitHeld:
-            self._open_units.release()
             if self._stopping.is_set():
                 self.work_remains = True
                 log.info("unit.left_held", file=file.path, reason="stopping")
             else:
                 self._stats.units_held += 1
                 log.info("unit.held", file=file.path, reason="another live process keeps renewing its lease")
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - one unit's storage trouble does not stop the others
-            self._open_units.release()
             self.work_remains = True
             log.warning("unit.claim_failed", file=file.path, error=type(exc).__name__, detail=str(exc)[:300])
-            return
+            return None
         if unit is None:
-            self._open_units.release()
             self._stats.units_skipped += 1
             log.info("unit.finished_elsewhere", file=file.path)
-            return
-        self._claimed.add(unit)
-        try:
-            await self._work_unit(file, unit)
-        finally:
-            self._claimed.discard(unit)
-            self._open_units.release()
+        return unit
 
-    async def _claim(self, result_path: str, version: str) -> ClaimedUnit | None:
+    async def _claim(self, path: str, version: str) -> ClaimedUnit | None:
         """Claim a unit; None when it is (or becomes) finished.
 
         While another process holds it, the open-unit slot is given up and the claim is tried again
@@ -305,10 +338,12 @@ class Pipeline:
         the unit over. A holder that keeps its claim for longer than a full lease period is alive
         (it renews): UnitHeld is raised, as it is when the run is stopping.
         """
+        result_path = formats.result_path(path)
         try:
             return await self._sink.claim(result_path, version)
         except UnitHeld:
             pass
+        self._started(path)  # waiting for another holder: it uses no call slots meanwhile
         self._open_units.release()
         try:
             loop = asyncio.get_running_loop()
@@ -357,7 +392,7 @@ class Pipeline:
                     self._on_progress(1)
                 elif isinstance(parsed, Rejected):
                     self._record_rejected(file.path, parsed, writer)
-                elif not await self._start_call(parsed, writer, pending):
+                elif not await self._start_call(file.path, parsed, writer, pending):
                     return items, False
         except ConfigError as error:
             self._fail(error)
@@ -383,13 +418,20 @@ class Pipeline:
         writer.add(formats.result_line(rejected.custom_id, error=error), rejected.code)
 
     async def _start_call(
-        self, request: Request, writer: UnitWriter, pending: set[asyncio.Task[None]]
+        self, path: str, request: Request, writer: UnitWriter, pending: set[asyncio.Task[None]]
     ) -> bool:
         """Take a call slot and start the call and its recording; False when the run is stopping or
         the unit's results can no longer be written."""
         if self._stopping.is_set() or writer.failed is not None:
             return False
-        await self._slots.acquire()
+        self._started(path)
+        self._wanting += 1
+        self._capacity_changed()
+        try:
+            await self._slots.acquire()
+        finally:
+            self._wanting -= 1
+            self._capacity_changed()
         self._busy += 1
         if self._stopping.is_set():
             self._free_slot()

@@ -323,3 +323,19 @@ def test_storage_refusing_appends_mid_run_exits_2_naming_the_role(stack: LocalSt
     assert proxy.appends_denied >= 1
     assert "Storage Blob Data Contributor" in run.summary["error"]
     assert run.summary["exit_code"] == 2
+
+
+def test_three_replicas_started_at_once_each_take_a_share_of_the_files(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    files, ids = batch_files(12, 100, "share")
+    upload(stack, source, files)
+    stack.openai.configure(latency_ms=50, jitter_ms=20)
+    args = blob_args(stack, source, sink, "--concurrency", "8")
+
+    replicas = [start_worker(stack, *args) for _ in range(3)]
+    runs = [finish(replica) for replica in replicas]
+
+    assert [run.code for run in runs] == [0, 0, 0], [run.stdout[-2000:] for run in runs]
+    assert_exactly_once(results(stack, sink), ids)
+    assert all(run.summary["succeeded"] > 0 for run in runs), [run.summary for run in runs]
+    assert sum(run.summary["requests"] for run in runs) <= len(ids) * 1.05
