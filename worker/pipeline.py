@@ -155,7 +155,9 @@ class Pipeline:
         self._slots = asyncio.Semaphore(limits.concurrency)
         self._busy = 0  # slots held: calls in flight and answers not yet written
         self._wanting = 0  # units waiting for a call slot
-        self._starting: dict[str, int] = {}  # units opened, not asking for call slots yet → slots they may take
+        self._starting: dict[
+            str, int
+        ] = {}  # units opened, not asking for call slots yet → slots they may take
         self._capacity = asyncio.Event()  # set when _busy, _wanting or _starting changed
         self._open_units = asyncio.Semaphore(max(4, 2 * limits.concurrency))
         self._calls: set[asyncio.Task[Outcome]] = set()
