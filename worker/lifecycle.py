@@ -368,9 +368,11 @@ class Stopper:
     async def run(self, pipeline: Pipeline) -> None:
         """Run the pipeline under this stopper; a hard stop returns normally with work remaining."""
         self._pipeline = pipeline
-        if self.requested:
-            pipeline.request_stop(0)
         self._pipeline_task = asyncio.ensure_future(pipeline.run())
+        if self.requested:  # signalled between start-up steps: nothing to drain
+            pipeline.request_stop(0)
+            loop = asyncio.get_running_loop()
+            self._timers.append(loop.call_later(HARD_STOP_GRACE_SECONDS, self._cancel_current))
         try:
             await self._guard(self._pipeline_task)
         except Stopped:
