@@ -29,7 +29,14 @@ import openai
 
 from worker.calls import error_code, error_message
 from worker.errors import ConfigError
-from worker.identity import OPENAI_SCOPE, STORAGE_SCOPE, describe_principal, first_line, token_claims
+from worker.identity import (
+    OPENAI_SCOPE,
+    STORAGE_SCOPE,
+    TokenEndpointUnavailable,
+    describe_principal,
+    first_line,
+    token_claims,
+)
 from worker.services import Clients, open_clients
 from worker.settings import Settings, describe
 from worker.storage.urls import BlobLocation, Location, parse_location
@@ -126,7 +133,7 @@ async def diagnose(settings: Settings) -> Report:
                 await _guard(
                     report, "deployment call", _check_deployment(settings, clients, principal, report)
                 )
-    except ConfigError as error:
+    except (ConfigError, TokenEndpointUnavailable) as error:
         report.add(
             "credential",
             False,

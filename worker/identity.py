@@ -198,10 +198,11 @@ class TokenEndpointUnavailable(ServiceRequestError):
     that retries (the call loop, storage's retry policy) retries it like any connection error."""
 
 
-_DEFINITIVE = re.compile(
-    r"AADSTS\d+|invalid_client|unauthorized_client|invalid_grant|Identity not found|"
-    r"Unable to load the proper Managed Identity|az login|not logged in|Unauthorized|"
-    r"certificate|No such file|could not get a Google ID token",
+_TRANSIENT = re.compile(
+    r"timed out|timeout|Server disconnected|Connection (refused|reset|aborted)|Cannot connect|"
+    r"connection error|ServiceRequestError|ServiceResponseError|temporarily|Too Many Requests|"
+    r"Service Unavailable|Internal Server Error|Bad Gateway|Gateway Timeout|\b(429|50\d)\b|"
+    r"unexpected error occurred while fetching",
     re.IGNORECASE,
 )
 
@@ -211,7 +212,8 @@ def is_transient(exc: ClientAuthenticationError) -> bool:
     a definitive rejection (wrong secret, unknown client id, nothing configured).
 
     DefaultAzureCredential wraps its credentials' failures into one message without a status: there the
-    lines of the credentials that were tried (not merely "unavailable") decide.
+    lines of the credentials that were tried (not merely "unavailable") decide, and only a line that
+    shows a transient cause (a connection error, a 429 or 5xx) makes the failure transient.
     """
     if isinstance(exc, CredentialUnavailableError):
         return False
@@ -224,9 +226,7 @@ def is_transient(exc: ClientAuthenticationError) -> bool:
         for line in message.splitlines()
         if line.startswith("\t") and "authentication unavailable" not in line and ":" in line
     ]
-    if "failed to retrieve a token from the included credentials" in message:
-        return bool(attempted) and not any(_DEFINITIVE.search(line) for line in attempted)
-    return False
+    return any(_TRANSIENT.search(line) for line in attempted)
 
 
 class SharedTokens(AsyncTokenCredential):

@@ -131,6 +131,17 @@ async def test_an_expired_token_is_not_served_when_the_endpoint_fails() -> None:
             False,
         ),
         ("AADSTS700016: Application not found in the directory", False),
+        (
+            "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+            "Attempted credentials:\n\tAzureCliCredential: Azure CLI not found on path\n"
+            "\tAzurePowerShellCredential: PowerShell is not installed",
+            False,
+        ),
+        (
+            "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+            "Attempted credentials:\n\tManagedIdentityCredential: (None) Service Unavailable",
+            True,
+        ),
     ],
 )
 def test_transient_and_definitive_credential_failures(message: str, transient: bool) -> None:
