@@ -142,12 +142,6 @@ def openai_client(
     """AsyncAzureOpenAI on aiohttp, SDK retries off (the worker retries), keyed or keyless."""
     if settings.endpoint is None:
         raise ConfigError("missing setting: AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com)")
-    http_client = openai.DefaultAioHttpClient(
-        verify=context,
-        limits=httpx2.Limits(
-            max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency + 8
-        ),
-    )
     limits = httpx2.Limits(
         max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency + 8
     )
