@@ -519,10 +519,3 @@ class ResultScanner:
                 continue
             if isinstance(custom_id, str):
                 self.ids.add(custom_id)
-
-
-def custom_ids_in(data: bytes) -> tuple[FingerprintSet, int]:
-    """The custom_ids recorded in `data` and the length of its complete lines (see ResultScanner)."""
-    scanner = ResultScanner()
-    scanner.feed(data)
-    return scanner.ids, scanner.complete
