@@ -238,13 +238,12 @@ class SharedTokens(AsyncTokenCredential):
     - A transient failure (token endpoint unreachable, 429, 5xx) raises TokenEndpointUnavailable, which
       the callers' own retry layers retry; a definitive one raises ConfigError (exit 2).
 
-    Counts (`fetches`, `refreshes`) feed the run manifest.
+    `refreshes` (tokens fetched anew because a service refused the cached one) is the run's `token_refreshes`.
     """
 
     def __init__(self, credential: AsyncTokenCredential) -> None:
         self._credential = credential
         self._slots: dict[str, _Slot] = {}
-        self.fetches = 0
         self.refreshes = 0
 
     @property
@@ -338,7 +337,6 @@ class SharedTokens(AsyncTokenCredential):
             slot.generation += 1
 
     async def _fetch_once(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
-        self.fetches += 1
         try:
             if fresh:
                 options: TokenRequestOptions = {"claims": _FRESH_CLAIMS % int(time.time())}
@@ -394,7 +392,6 @@ class SharedTokens(AsyncTokenCredential):
         token was refused): it goes to the credential, and a claims answer replaces the cached token.
         """
         if options and (options.get("claims") or options.get("tenant_id")):
-            self.fetches += 1
             info: AccessTokenInfo = await self._credential.get_token_info(*scopes, options=options)  # type: ignore[attr-defined]
             if options.get("claims") and not options.get("tenant_id"):
                 self._slot(scopes[0]).token = info

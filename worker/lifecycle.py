@@ -299,7 +299,6 @@ class Stopper:
         self._timers: list[asyncio.TimerHandle] = []
         self._signalled_at: float | None = None
         self.requested = 0
-        self.hard_stopped = False
 
     def __enter__(self) -> Stopper:
         loop = asyncio.get_running_loop()
@@ -337,7 +336,6 @@ class Stopper:
         if current is not None and not current.done():
             if self._pipeline is not None and current is self._pipeline_task:
                 log.warning("run.hard_stop", reason="drain deadline passed")
-                self.hard_stopped = True
             self._cancelling = current
             current.cancel()
 

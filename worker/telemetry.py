@@ -64,8 +64,6 @@ OUTCOMES = ("succeeded", "failed", "skipped", "interrupted")
 class Telemetry:
     """No telemetry: what a run gets when Azure Monitor is not configured. Every method costs nothing."""
 
-    enabled = False
-
     def attach(self, stats: RunStats) -> None:
         """Export each call latency of this run's stats as it is measured (call before the run starts)."""
 
@@ -138,8 +136,6 @@ class _ObservedHistogram(LatencyHistogram):
 
 class AzureMonitorTelemetry(Telemetry):
     """Metrics to Application Insights through azure-monitor-opentelemetry-exporter."""
-
-    enabled = True
 
     def __init__(self, connection_string: str, *, run_id: str | None = None) -> None:
         from azure.monitor.opentelemetry.exporter import AzureMonitorMetricExporter
