@@ -28,8 +28,8 @@ import httpx2
 import openai
 
 from worker.calls import error_code, error_message
-from worker.errors import ConfigError
-from worker.identity import OPENAI_SCOPE, STORAGE_SCOPE, describe_principal, first_line, token_claims
+from worker.errors import ConfigError, first_line
+from worker.identity import OPENAI_SCOPE, STORAGE_SCOPE, describe_principal, token_claims
 from worker.services import Clients, open_clients
 from worker.settings import Settings, describe
 from worker.storage.urls import BlobLocation, Location, parse_location

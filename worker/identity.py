@@ -27,7 +27,7 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
 from azure.identity import CredentialUnavailableError
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, first_line
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.identity")
@@ -404,8 +404,3 @@ class SharedTokens(AsyncTokenCredential):
 
     async def __aexit__(self, *args: object) -> None:
         await self.close()
-
-
-def first_line(message: str | None) -> str:
-    """Credential errors are long; the first line carries the cause (and never a secret)."""
-    return (message or "").strip().splitlines()[0] if message and message.strip() else "authentication failed"

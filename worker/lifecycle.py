@@ -23,9 +23,8 @@ import structlog
 
 from worker import __version__
 from worker.calls import Caller
-from worker.errors import ConfigError
+from worker.errors import ConfigError, first_line
 from worker.health import Health
-from worker.identity import first_line
 from worker.metrics import RunStats
 from worker.pipeline import Pipeline, PipelineLimits
 from worker.ratelimit import Budgets
