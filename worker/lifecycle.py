@@ -31,7 +31,7 @@ from worker.ratelimit import Budgets
 from worker.services import Clients, open_clients
 from worker.settings import Settings
 from worker.storage import Sink
-from worker.storage.urls import BlobLocation, LocalLocation, Location, parse_location
+from worker.storage.urls import Location, overlap_filter, parse_location
 from worker.telemetry import FLUSH_SECONDS, open_telemetry
 
 log = structlog.get_logger("worker")
@@ -66,30 +66,6 @@ def new_run_id(settings: Settings) -> str:
     if settings.run_id:
         return re.sub(r"[^A-Za-z0-9._-]", "-", settings.run_id)[:120]
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-
-
-def overlap_filter(source: Location, sink: Location) -> Callable[[str], bool]:
-    """When the sink lies inside the source, the source listing must not pick up the worker's own output."""
-    inside: str | None = None
-    if isinstance(source, LocalLocation) and isinstance(sink, LocalLocation):
-        src, dst = source.path.resolve(), sink.path.resolve()
-        if dst == src or src in dst.parents:
-            inside = dst.relative_to(src).as_posix()
-            inside = "" if inside == "." else inside + "/"
-    elif (
-        isinstance(source, BlobLocation)
-        and isinstance(sink, BlobLocation)
-        and (source.account_url, source.container) == (sink.account_url, sink.container)
-        and sink.prefix.startswith(source.prefix)
-    ):
-        inside = sink.prefix[len(source.prefix) :]
-    if inside is None:
-        return lambda _path: False
-    if inside:
-        return lambda path: path.startswith(inside)
-    from worker.formats import RESULT_SUFFIX
-
-    return lambda path: path.endswith(RESULT_SUFFIX) or path.startswith("_")
 
 
 def estimated_cost(stats: RunStats, settings: Settings) -> float | None:
