@@ -260,7 +260,7 @@ def test_run_with_nothing_configured_exits_2_with_a_summary(installed: Installed
 
 TELEMETRY_SCRIPT = """
 from worker import logs
-from worker.metrics import RunStats
+from worker.report import RunStats
 from worker.telemetry import open_telemetry
 logs.configure(json_lines=True)
 t = open_telemetry(run_id="packaged")

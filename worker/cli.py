@@ -62,7 +62,7 @@ def _load(flags: dict[str, Any], job: str | None) -> Settings:
 
 
 def _empty_stats() -> Any:
-    from worker.metrics import RunStats
+    from worker.report import RunStats
 
     return RunStats()
 

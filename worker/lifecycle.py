@@ -25,9 +25,9 @@ from worker import __version__
 from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
-from worker.metrics import RunStats
 from worker.pipeline import Pipeline, PipelineLimits
 from worker.ratelimit import Budgets
+from worker.report import RunStats
 from worker.services import Clients, open_clients
 from worker.settings import Settings
 from worker.storage import Sink

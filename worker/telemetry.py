@@ -34,12 +34,12 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from worker.metrics import LatencyHistogram
+from worker.report import LatencyHistogram
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
 
-    from worker.metrics import RunStats
+    from worker.report import RunStats
 
 log = structlog.get_logger("worker")
 

@@ -27,7 +27,7 @@ import pytest
 import structlog
 
 from worker import telemetry
-from worker.metrics import LatencyHistogram, RunStats
+from worker.report import LatencyHistogram, RunStats
 from worker.telemetry import CONNECTION_STRING_ENV, QUIET_DEFAULTS, Telemetry, open_telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,7 +206,7 @@ def test_without_a_connection_string_nothing_is_imported() -> None:
     script = textwrap.dedent(
         """
         import sys
-        from worker.metrics import RunStats
+        from worker.report import RunStats
         from worker.telemetry import open_telemetry
         t = open_telemetry()
         stats = RunStats()
@@ -411,7 +411,7 @@ import logging
 from worker import logs
 logs.configure(json_lines=True, verbose=True)
 logging.getLogger().setLevel(logging.DEBUG)  # everything the SDKs would ever say, on stderr
-from worker.metrics import RunStats
+from worker.report import RunStats
 from worker.telemetry import open_telemetry
 
 t = open_telemetry(run_id="guarded")
