@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import structlog
 
 from worker import __version__
+from worker.azure_monitor import FLUSH_SECONDS, open_telemetry
 from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
@@ -32,7 +33,6 @@ from worker.services import Clients, open_clients
 from worker.settings import Settings
 from worker.storage import Sink
 from worker.storage.urls import Location, overlap_filter, parse_location
-from worker.telemetry import FLUSH_SECONDS, open_telemetry
 
 log = structlog.get_logger("worker")
 

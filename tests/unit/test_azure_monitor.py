@@ -1,4 +1,4 @@
-"""worker.telemetry against a fake Application Insights ingestion endpoint on 127.0.0.1.
+"""worker.azure_monitor against a fake Application Insights ingestion endpoint on 127.0.0.1.
 
 The real azure-monitor-opentelemetry-exporter and OpenTelemetry SDK run unmodified: they POST their
 envelopes (a JSON array, gzip'd or not) to `{IngestionEndpoint}/v2.1/track`, and the fake answers as
@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import structlog
 
-from worker import telemetry
+from worker import azure_monitor
+from worker.azure_monitor import CONNECTION_STRING_ENV, QUIET_DEFAULTS, Telemetry, open_telemetry
 from worker.report import LatencyHistogram, RunStats
-from worker.telemetry import CONNECTION_STRING_ENV, QUIET_DEFAULTS, Telemetry, open_telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACK_PATH = "/v2.1/track"
@@ -170,7 +170,7 @@ def _restore_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """open_telemetry() sets the exporter's quiet defaults in os.environ; put it back after each test."""
     saved = dict(os.environ)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(telemetry, "_warned_unavailable", False)
+    monkeypatch.setattr(azure_monitor, "_warned_unavailable", False)
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -202,12 +202,12 @@ def test_without_a_connection_string_telemetry_is_a_no_op(environ: dict[str, str
 
 
 def test_without_a_connection_string_nothing_is_imported() -> None:
-    """Zero cost: importing worker.telemetry and running the no-op imports neither OpenTelemetry nor the exporter."""
+    """Zero cost: importing worker.azure_monitor and running the no-op imports neither OpenTelemetry nor the exporter."""
     script = textwrap.dedent(
         """
         import sys
         from worker.report import RunStats
-        from worker.telemetry import open_telemetry
+        from worker.azure_monitor import open_telemetry
         t = open_telemetry()
         stats = RunStats()
         t.attach(stats)
@@ -237,7 +237,7 @@ def test_without_a_connection_string_nothing_is_imported() -> None:
 
 def test_run_metrics_arrive_at_the_ingestion_endpoint(ingestion: FakeIngestion) -> None:
     found = open_telemetry(run_id="job-exec-42", environ={CONNECTION_STRING_ENV: ingestion.connection_string})
-    assert isinstance(found, telemetry.AzureMonitorTelemetry)
+    assert isinstance(found, azure_monitor.AzureMonitorTelemetry)
     stats = finished_run()
     found.attach(stats)
     for seconds in (0.2, 0.4, 1.5):
@@ -369,16 +369,16 @@ def test_a_bad_connection_string_disables_telemetry_without_echoing_it(connectio
 def test_ingestion_host_is_all_that_is_logged_of_the_connection_string() -> None:
     key = str(uuid.uuid4())
     assert (
-        telemetry.ingestion_host(f"InstrumentationKey={key};IngestionEndpoint=https://x.example/")
+        azure_monitor.ingestion_host(f"InstrumentationKey={key};IngestionEndpoint=https://x.example/")
         == "x.example"
     )
     assert (
-        telemetry.ingestion_host(
+        azure_monitor.ingestion_host(
             f"instrumentationkey={key};ingestionendpoint=http://127.0.0.1:5/;LiveEndpoint=y"
         )
         == "127.0.0.1:5"
     )
-    assert telemetry.ingestion_host(f"InstrumentationKey={key}") == "dc.services.visualstudio.com"
+    assert azure_monitor.ingestion_host(f"InstrumentationKey={key}") == "dc.services.visualstudio.com"
 
 
 # ---- subprocesses: the worker's real logging set-up, and a network guard ------------------------------
@@ -412,7 +412,7 @@ from worker import logs
 logs.configure(json_lines=True, verbose=True)
 logging.getLogger().setLevel(logging.DEBUG)  # everything the SDKs would ever say, on stderr
 from worker.report import RunStats
-from worker.telemetry import open_telemetry
+from worker.azure_monitor import open_telemetry
 
 t = open_telemetry(run_id="guarded")
 stats = RunStats()
