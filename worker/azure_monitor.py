@@ -14,6 +14,8 @@ resource's ingestion endpoint (`{IngestionEndpoint}/v2.1/track`, table `customMe
                                      OTEL_METRIC_EXPORT_INTERVAL ms, 60 s by default)
     worker.run.duration   histogram  seconds, one value per run, exit_code = 0 | 1 | 2
 
+The counters are worker.report's OUTCOMES, TOKENS and CALLS, as in the summary line and the manifest.
+
 The counters are recorded once, by `record_run()`, at the end of a run; `close()` then flushes within a
 bounded time, so a slow or unreachable ingestion endpoint can never hold the process past the SIGTERM
 deadline. The exporter's calls to anything but the connection string's endpoint (statsbeat to Microsoft,
@@ -34,7 +36,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from worker.report import LatencyHistogram
+from worker.report import CALLS, OUTCOMES, LatencyHistogram
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -57,8 +59,6 @@ QUIET_DEFAULTS = {
     "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
     "APPLICATIONINSIGHTS_SDKSTATS_DISABLED": "true",
 }
-
-OUTCOMES = ("succeeded", "failed", "skipped", "interrupted")
 
 
 class Telemetry:
@@ -168,13 +168,12 @@ class AzureMonitorTelemetry(Telemetry):
         meter = self._provider.get_meter("worker", __version__)
         self._items = meter.create_counter("worker.items", unit="{item}", description="Items by outcome")
         self._tokens = meter.create_counter("worker.tokens", unit="{token}", description="Tokens used")
-        self._requests = meter.create_counter(
-            "worker.requests", unit="{request}", description="Azure OpenAI calls made"
-        )
-        self._retries = meter.create_counter("worker.retries", unit="{retry}", description="Calls retried")
-        self._throttled = meter.create_counter(
-            "worker.throttled", unit="{response}", description="429 answers from Azure OpenAI"
-        )
+        self._calls = {
+            count.name: meter.create_counter(
+                f"worker.{count.name}", unit=count.unit, description=count.description
+            )
+            for count in CALLS
+        }
         self._call_duration = meter.create_histogram(
             "worker.call.duration", unit="s", description="Latency of each successful Azure OpenAI call"
         )
@@ -194,11 +193,10 @@ class AzureMonitorTelemetry(Telemetry):
         try:
             for outcome in OUTCOMES:
                 self._items.add(getattr(stats, outcome), {"outcome": outcome})
-            self._tokens.add(stats.prompt_tokens, {"token_type": "prompt"})
-            self._tokens.add(stats.completion_tokens, {"token_type": "completion"})
-            self._requests.add(stats.requests)
-            self._retries.add(stats.retries)
-            self._throttled.add(stats.throttled)
+            for kind, used in stats.tokens().items():
+                self._tokens.add(used, {"token_type": kind})
+            for name, value in stats.counts(*self._calls).items():
+                self._calls[name].add(value)
             self._run_duration.record(
                 max(0.0, duration_s), {} if exit_code is None else {"exit_code": exit_code}
             )

@@ -12,7 +12,8 @@ import typer
 
 from worker import logs
 from worker.errors import ConfigError
-from worker.lifecycle import EXIT_CONFIG, RunResult, run_job
+from worker.lifecycle import EXIT_CONFIG, run_job
+from worker.report import RunResult, RunStats
 from worker.settings import AUTH_MODES, OPTIONS_BY_NAME, Settings, load_settings
 
 app = typer.Typer(
@@ -55,16 +56,8 @@ def _load(flags: dict[str, Any], job: str | None) -> Settings:
     except ConfigError as error:
         logs.configure(json_lines=not sys.stdout.isatty())
         structlog.get_logger("worker").error("run.config_error", error=str(error))
-        _print_summary(
-            RunResult(run_id="-", exit_code=EXIT_CONFIG, stats=_empty_stats(), error=str(error)), True
-        )
+        _print_summary(RunResult(run_id="-", exit_code=EXIT_CONFIG, stats=RunStats(), error=str(error)), True)
         raise typer.Exit(EXIT_CONFIG) from None
-
-
-def _empty_stats() -> Any:
-    from worker.report import RunStats
-
-    return RunStats()
 
 
 @app.command()

@@ -1,13 +1,46 @@
-"""Counters of one run, in constant memory: they become the summary line and the run manifest."""
+"""What one run did: its counters (in constant memory), the summary line and the run manifest.
+
+The counters that leave the process are named once, here: `OUTCOMES`, `CALLS` and `TOKENS` are what the
+summary line, the manifest and the Azure Monitor metrics (worker.azure_monitor) report.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from worker import __version__
+from worker.settings import Settings
 
 MAX_LISTED_PROBLEMS = 1000
+
+
+class Count(NamedTuple):
+    """A RunStats count reported under its own name, and as the metric `worker.<name>`."""
+
+    name: str
+    unit: str
+    """As an OpenTelemetry unit annotation."""
+    description: str
+
+
+OUTCOMES = ("succeeded", "failed", "skipped", "interrupted")
+"""Where the items this process saw ended, each a RunStats count (the metric: `worker.items` by outcome)."""
+CALLS = (
+    Count("requests", "{request}", "Azure OpenAI calls made"),
+    Count("retries", "{retry}", "Calls retried"),
+    Count("throttled", "{response}", "429 answers from Azure OpenAI"),
+)
+"""The Azure OpenAI attempts, those that were retried, and the 429s among them."""
+TOKENS = ("prompt", "completion")
+"""RunStats.<kind>_tokens: tokens the service counted (the metric: `worker.tokens` by token_type)."""
+UNITS = ("units_done", "units_skipped", "units_held", "changed_inputs")
+"""Input files (work units) finished, skipped as finished before, held by another process, read again."""
 
 
 class LatencyHistogram:
@@ -70,23 +103,95 @@ class RunStats:
         else:
             self.problems_dropped += 1
 
+    def counts(self, *names: str) -> dict[str, int]:
+        """The named counts, in that order."""
+        return {name: getattr(self, name) for name in names}
+
+    def tokens(self) -> dict[str, int]:
+        """Tokens by kind (`TOKENS`)."""
+        return {kind: getattr(self, f"{kind}_tokens") for kind in TOKENS}
+
     def summary(self) -> dict[str, Any]:
+        """The counts of the summary line."""
         return {
-            "total": self.total,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "interrupted": self.interrupted,
+            **self.counts("total", *OUTCOMES),
             "held": self.units_held,
             "changed_inputs": self.changed_inputs,
-            "requests": self.requests,
-            "retries": self.retries,
-            "throttled": self.throttled,
-            "token_refreshes": self.token_refreshes,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
+            **self.counts(*(count.name for count in CALLS), "token_refreshes"),
+            **{f"{kind}_tokens": used for kind, used in self.tokens().items()},
             "latency_p50_s": self.latency.percentile(0.5),
             "latency_p95_s": self.latency.percentile(0.95),
             "latency_p99_s": self.latency.percentile(0.99),
             "errors_by_code": dict(self.errors_by_code),
         }
+
+
+@dataclass
+class RunResult:
+    """How a run ended, with its stats: what the summary line and the manifest are made of."""
+
+    run_id: str
+    exit_code: int
+    stats: RunStats
+    error: str | None = None
+    manifest: str | None = None
+    """Where the manifest was written."""
+    rate_limits: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The fields of the `run.summary` line."""
+        return {
+            "run_id": self.run_id,
+            **self.stats.summary(),
+            "exit_code": self.exit_code,
+            "duration_s": round((self.ended or time.time()) - self.started, 3),
+            "manifest": self.manifest,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+def estimated_cost(stats: RunStats, settings: Settings) -> float | None:
+    """Tokens this run used × the job's prices per million; None when no price is configured."""
+    if settings.price_input_per_million is None and settings.price_output_per_million is None:
+        return None
+    cost = stats.prompt_tokens * (settings.price_input_per_million or 0.0)
+    cost += stats.completion_tokens * (settings.price_output_per_million or 0.0)
+    return round(cost / 1_000_000, 6)
+
+
+def manifest(result: RunResult, settings: Settings) -> bytes:
+    """The run manifest (`_runs/<run id>.json` under the sink), as JSON."""
+    stats = result.stats
+    tokens = stats.tokens()
+    document = {
+        "run_id": result.run_id,
+        "worker_version": __version__,
+        "started": datetime.fromtimestamp(result.started, UTC).isoformat(),
+        "ended": datetime.fromtimestamp(result.ended or time.time(), UTC).isoformat(),
+        "exit_code": result.exit_code,
+        "error": result.error,
+        "source": settings.source,
+        "sink": settings.sink,
+        "deployment": settings.deployment,
+        "auth": settings.auth,
+        "counts": stats.counts("total", *OUTCOMES, *UNITS),
+        "calls": {
+            **stats.counts(*(count.name for count in CALLS), "token_refreshes"),
+            "throttle_wait_seconds": round(stats.throttle_wait_seconds, 3),
+        },
+        "tokens": {**tokens, "total": sum(tokens.values())},
+        "estimated_cost": estimated_cost(stats, settings),
+        "latency_seconds": {
+            "p50": stats.latency.percentile(0.5),
+            "p90": stats.latency.percentile(0.9),
+            "p95": stats.latency.percentile(0.95),
+            "p99": stats.latency.percentile(0.99),
+        },
+        "errors_by_code": dict(stats.errors_by_code),
+        "rate_limits": result.rate_limits,
+        "input_problems": stats.problems,
+        "input_problems_not_listed": stats.problems_dropped,
+    }
+    return json.dumps(document, indent=2).encode()
