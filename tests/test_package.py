@@ -262,8 +262,9 @@ TELEMETRY_SCRIPT = """
 from worker import logs
 from worker.report import RunStats
 from worker.azure_monitor import open_telemetry
+from worker.settings import load_settings
 logs.configure(json_lines=True)
-t = open_telemetry(run_id="packaged")
+t = open_telemetry(load_settings({}), run_id="packaged")
 stats = RunStats()
 t.attach(stats)
 stats.latency.add(0.5)

@@ -1,6 +1,6 @@
 """Optional run metrics for Azure Monitor (Application Insights), on only when a connection string is set.
 
-`APPLICATIONINSIGHTS_CONNECTION_STRING` unset (or empty): `open_telemetry()` returns a no-op `Telemetry` and
+`APPLICATIONINSIGHTS_CONNECTION_STRING` unset (or empty): `open_telemetry(settings)` is a no-op `Telemetry` and
 nothing is imported. Set: it imports the `azure-monitor` extra lazily (if the extra is missing, one warning and
 the run goes on) and exports, through the OpenTelemetry SDK's MeterProvider and a periodic reader, to the
 resource's ingestion endpoint (`{IngestionEndpoint}/v2.1/track`, table `customMetrics`):
@@ -30,13 +30,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
 
 from worker.report import CALLS, OUTCOMES, LatencyHistogram
+from worker.settings import OPTIONS_BY_NAME, Settings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker")
 
-CONNECTION_STRING_ENV = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+CONNECTION_STRING_ENV = OPTIONS_BY_NAME["applicationinsights_connection_string"].env[0]
 EXTRA_HINT = "pip install 'aoai-batch-worker[azure-monitor]'"
 SERVICE_NAME = "aoai-batch-worker"
 FLUSH_SECONDS = 5.0
@@ -90,17 +91,19 @@ def ingestion_host(connection_string: str) -> str:
 _warned_unavailable = False
 
 
-def open_telemetry(*, run_id: str | None = None, environ: Mapping[str, str] | None = None) -> Telemetry:
+def open_telemetry(settings: Settings, *, run_id: str | None = None) -> Telemetry:
     """Azure Monitor metrics when APPLICATIONINSIGHTS_CONNECTION_STRING is set, else a no-op. Never raises."""
     global _warned_unavailable  # noqa: PLW0603 - one warning per process, however many runs
-    env = os.environ if environ is None else environ
-    connection_string = (env.get(CONNECTION_STRING_ENV) or "").strip()
+    secret = settings.applicationinsights_connection_string
+    connection_string = secret.get_secret_value().strip() if secret else ""
     if not connection_string:
         return Telemetry()
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)  # the exporter reads them from the process environment
     try:
-        telemetry = AzureMonitorTelemetry(connection_string, run_id=run_id)
+        telemetry = AzureMonitorTelemetry(
+            connection_string, run_id=run_id, service_name=settings.otel_service_name or SERVICE_NAME
+        )
     except ImportError as exc:
         if not _warned_unavailable:
             _warned_unavailable = True
@@ -137,7 +140,9 @@ class _ObservedHistogram(LatencyHistogram):
 class AzureMonitorTelemetry(Telemetry):
     """Metrics to Application Insights through azure-monitor-opentelemetry-exporter."""
 
-    def __init__(self, connection_string: str, *, run_id: str | None = None) -> None:
+    def __init__(
+        self, connection_string: str, *, run_id: str | None = None, service_name: str = SERVICE_NAME
+    ) -> None:
         from azure.monitor.opentelemetry.exporter import AzureMonitorMetricExporter
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -153,9 +158,7 @@ class AzureMonitorTelemetry(Telemetry):
             retry_total=2,
             retry_backoff_factor=0.25,
         )
-        attributes: dict[str, str] = {"service.version": __version__}
-        if not os.environ.get("OTEL_SERVICE_NAME"):
-            attributes["service.name"] = SERVICE_NAME
+        attributes = {"service.version": __version__, "service.name": service_name}  # cloud_RoleName
         if run_id:
             attributes["service.instance.id"] = run_id  # Application Insights: cloud_RoleInstance
         # The export interval comes from OTEL_METRIC_EXPORT_INTERVAL (ms, default 60 000).

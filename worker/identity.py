@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 from azure.identity import CredentialUnavailableError
 
 from worker.errors import ConfigError, first_line
-from worker.settings import Settings
+from worker.settings import OPTIONS_BY_NAME, Settings
 
 log = structlog.get_logger("worker.identity")
 
@@ -40,16 +39,20 @@ REFRESH_RETRY_SECONDS = 10.0
 _FRESH_CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}'
 
 
-def build_credential(settings: Settings, environ: Mapping[str, str] | None = None) -> AsyncTokenCredential:
-    """The azure-identity credential for the chosen mode; missing environment → ConfigError naming it."""
+def build_credential(settings: Settings) -> AsyncTokenCredential:
+    """The azure-identity credential for `settings.auth`, from the identity settings (AZURE_CLIENT_ID, ...);
+    one the mode needs and lacks → ConfigError naming its environment variable.
+
+    The credentials still read their own platform's variables themselves (IDENTITY_ENDPOINT for a managed
+    identity, the chain of DefaultAzureCredential, AZURE_AUTHORITY_HOST for the authority).
+    """
     from azure.identity import aio
 
-    environ = os.environ if environ is None else environ
     mode = settings.auth
-    client_id = environ.get("AZURE_CLIENT_ID") or None
+    tenant, client_id = settings.azure_tenant_id, settings.azure_client_id
 
     def need(*names: str) -> None:
-        missing = [name for name in names if not environ.get(name)]
+        missing = [OPTIONS_BY_NAME[name].env[0] for name in names if not getattr(settings, name)]
         if missing:
             raise ConfigError(f"--auth {mode} needs {', '.join(missing)} in the environment")
 
@@ -58,35 +61,41 @@ def build_credential(settings: Settings, environ: Mapping[str, str] | None = Non
     if mode == "managed-identity":
         return aio.ManagedIdentityCredential(client_id=client_id)
     if mode == "service-principal":
-        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID")
-        tenant, app = environ["AZURE_TENANT_ID"], environ["AZURE_CLIENT_ID"]
-        if environ.get("AZURE_CLIENT_SECRET"):
-            return aio.ClientSecretCredential(tenant, app, environ["AZURE_CLIENT_SECRET"])
-        if environ.get("AZURE_CLIENT_CERTIFICATE_PATH"):
+        need("azure_tenant_id", "azure_client_id")
+        assert tenant and client_id
+        if settings.azure_client_secret:
+            return aio.ClientSecretCredential(
+                tenant, client_id, settings.azure_client_secret.get_secret_value()
+            )
+        if settings.azure_client_certificate_path:
+            password = settings.azure_client_certificate_password
             return aio.CertificateCredential(
                 tenant,
-                app,
-                environ["AZURE_CLIENT_CERTIFICATE_PATH"],
-                password=environ.get("AZURE_CLIENT_CERTIFICATE_PASSWORD") or None,
+                client_id,
+                settings.azure_client_certificate_path,
+                password=password.get_secret_value() if password else None,
             )
         raise ConfigError(
             "--auth service-principal needs AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH in the environment"
         )
     if mode == "workload-identity":
-        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE")
-        return aio.WorkloadIdentityCredential()
+        need("azure_tenant_id", "azure_client_id", "azure_federated_token_file")
+        return aio.WorkloadIdentityCredential(
+            tenant_id=tenant, client_id=client_id, token_file_path=settings.azure_federated_token_file
+        )
     if mode == "azure-cli":
         return aio.AzureCliCredential()
     if mode == "gcp-federation":
-        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID")
-        google = GoogleIdToken(environ.get("GCE_METADATA_HOST") or GOOGLE_METADATA_HOST)
-        return aio.ClientAssertionCredential(environ["AZURE_TENANT_ID"], environ["AZURE_CLIENT_ID"], google)
+        need("azure_tenant_id", "azure_client_id")
+        assert tenant and client_id
+        google = GoogleIdToken(settings.gce_metadata_host or GOOGLE_METADATA_HOST)
+        return aio.ClientAssertionCredential(tenant, client_id, google)
     if mode == "interactive":
         from azure.identity import InteractiveBrowserCredential
 
-        options: dict[str, Any] = {"disable_instance_discovery": bool(environ.get("AZURE_AUTHORITY_HOST"))}
-        if environ.get("AZURE_TENANT_ID"):
-            options["tenant_id"] = environ["AZURE_TENANT_ID"]
+        options: dict[str, Any] = {"disable_instance_discovery": bool(settings.azure_authority_host)}
+        if tenant:
+            options["tenant_id"] = tenant
         if client_id:
             options["client_id"] = client_id
         return SyncCredentialInThread(InteractiveBrowserCredential(**options))

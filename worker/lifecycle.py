@@ -50,7 +50,7 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
     releasing leases and writing the manifest until `STOP_DEADLINE_SECONDS`, then the telemetry flush.
     """
     result = RunResult(run_id=new_run_id(settings), exit_code=EXIT_DONE, stats=RunStats())
-    telemetry = open_telemetry(run_id=result.run_id)
+    telemetry = open_telemetry(settings, run_id=result.run_id)
     telemetry.attach(result.stats)
     with Stopper(settings.drain_seconds) as stopper:
         try:

@@ -29,6 +29,7 @@ import structlog
 from worker import azure_monitor
 from worker.azure_monitor import CONNECTION_STRING_ENV, QUIET_DEFAULTS, Telemetry, open_telemetry
 from worker.report import LatencyHistogram, RunStats
+from worker.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACK_PATH = "/v2.1/track"
@@ -190,7 +191,7 @@ def finished_run() -> RunStats:
 @pytest.mark.parametrize("environ", [{}, {CONNECTION_STRING_ENV: ""}, {CONNECTION_STRING_ENV: "  "}])
 def test_without_a_connection_string_telemetry_is_a_no_op(environ: dict[str, str]) -> None:
     quiet_before = {name: os.environ.get(name) for name in QUIET_DEFAULTS}
-    found = open_telemetry(environ=environ)
+    found = open_telemetry(load_settings({}, environ))
     assert type(found) is Telemetry
     stats = finished_run()
     latency = stats.latency
@@ -208,7 +209,8 @@ def test_without_a_connection_string_nothing_is_imported() -> None:
         import sys
         from worker.report import RunStats
         from worker.azure_monitor import open_telemetry
-        t = open_telemetry()
+        from worker.settings import load_settings
+        t = open_telemetry(load_settings({}))
         stats = RunStats()
         t.attach(stats)
         stats.latency.add(0.5)
@@ -236,7 +238,9 @@ def test_without_a_connection_string_nothing_is_imported() -> None:
 
 
 def test_run_metrics_arrive_at_the_ingestion_endpoint(ingestion: FakeIngestion) -> None:
-    found = open_telemetry(run_id="job-exec-42", environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(
+        load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}), run_id="job-exec-42"
+    )
     assert isinstance(found, azure_monitor.AzureMonitorTelemetry)
     stats = finished_run()
     found.attach(stats)
@@ -277,7 +281,7 @@ def test_call_latencies_are_exported_while_the_run_goes_on(
     ingestion: FakeIngestion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")  # ms; 60 s by default
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     stats = RunStats()
     found.attach(stats)
     stats.latency.add(0.25)
@@ -294,7 +298,7 @@ def test_call_latencies_are_exported_while_the_run_goes_on(
 
 
 def test_attach_leaves_a_histogram_with_values_alone(ingestion: FakeIngestion) -> None:
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     stats = RunStats()
     stats.latency.add(0.1)
     before = stats.latency
@@ -308,7 +312,7 @@ def test_attach_leaves_a_histogram_with_values_alone(ingestion: FakeIngestion) -
 
 def test_close_is_bounded_when_ingestion_hangs(ingestion: FakeIngestion) -> None:
     ingestion.mode = "hang"
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     found.record_run(finished_run(), 3.0, exit_code=0)
     with structlog.testing.capture_logs() as events:
         started = time.monotonic()
@@ -323,7 +327,7 @@ def test_close_is_bounded_when_ingestion_hangs(ingestion: FakeIngestion) -> None
 
 def test_rejected_metrics_do_not_break_the_run(ingestion: FakeIngestion) -> None:
     ingestion.mode = "reject"
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     found.record_run(finished_run(), 3.0, exit_code=0)
     assert found.close(timeout_s=10) is True
     assert ingestion.requests  # sent, refused, dropped (no offline storage in a job)
@@ -337,7 +341,7 @@ def test_missing_extra_warns_once_and_continues(
     monkeypatch.setitem(sys.modules, "azure.monitor.opentelemetry.exporter", None)
     environ = {CONNECTION_STRING_ENV: ingestion.connection_string}
     with structlog.testing.capture_logs() as events:
-        first, second = open_telemetry(environ=environ), open_telemetry(environ=environ)
+        first, second = open_telemetry(load_settings({}, environ)), open_telemetry(load_settings({}, environ))
     assert type(first) is Telemetry and type(second) is Telemetry
     assert len(events) == 1
     assert events[0]["event"] == "telemetry.unavailable"
@@ -359,7 +363,7 @@ def test_missing_extra_warns_once_and_continues(
 )
 def test_a_bad_connection_string_disables_telemetry_without_echoing_it(connection_string: str) -> None:
     with structlog.testing.capture_logs() as events:
-        found = open_telemetry(environ={CONNECTION_STRING_ENV: connection_string})
+        found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: connection_string}))
     assert type(found) is Telemetry
     assert [e["event"] for e in events] == ["telemetry.disabled"]
     assert "secret" not in repr(events)
@@ -413,8 +417,9 @@ logs.configure(json_lines=True, verbose=True)
 logging.getLogger().setLevel(logging.DEBUG)  # everything the SDKs would ever say, on stderr
 from worker.report import RunStats
 from worker.azure_monitor import open_telemetry
+from worker.settings import load_settings
 
-t = open_telemetry(run_id="guarded")
+t = open_telemetry(load_settings({}), run_id="guarded")
 stats = RunStats()
 t.attach(stats)
 stats.latency.add(0.3)
