@@ -107,9 +107,9 @@ FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 
 
 class GoogleIdToken:
-    """Google → Entra federation (seed 002): a Google ID token for `api://AzureADTokenExchange`, from the
-    metadata server of Cloud Run / GCE / GKE, used as the client assertion. Cached until 5 minutes before
-    it expires (Google tokens live an hour), then fetched again.
+    """Google → Entra federation (--auth gcp-federation): a Google ID token for
+    `api://AzureADTokenExchange`, from the metadata server of Cloud Run / GCE / GKE, used as the client
+    assertion. Cached until 5 minutes before it expires (Google tokens live an hour), then fetched again.
     """
 
     def __init__(self, metadata_host: str) -> None:
