@@ -1,6 +1,6 @@
 """Input files → requests; outcomes → Batch API result lines.
 
-Inputs (PRODUCT.md):
+Inputs (the README's Inputs table):
 - `.txt`, `.md`: the whole file is one user message; custom_id = path relative to SOURCE.
 - `.json`: one chat request body; custom_id = relative path.
 - `.jsonl`: one Batch API request a line: {"custom_id", "method": "POST", "url", "body"}.
