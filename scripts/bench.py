@@ -19,8 +19,8 @@ environment of `stack.worker_env()`. Phases:
    (prompt + completion, what tokens_by_second counts) equal what the quota charges (prompt + max_tokens).
 3. Memory: the worker's peak RSS on N_SMALL vs N_LARGE prompts (zero latency, one .jsonl each of short
    prompts, so that 1,000,000 lines stay under the worker's 200 MB .jsonl limit), each measured by a fresh
-   wrapper process with resource.getrusage(RUSAGE_CHILDREN). 100,000 vs 1,000,000 as the issue defines
-   it (~18 of the ~22 minutes); BENCH_QUICK=1 runs 20,000 vs 200,000 instead.
+   wrapper process with resource.getrusage(RUSAGE_CHILDREN). 100,000 vs 1,000,000, the README's rss_ratio
+   (~18 of the ~22 minutes); BENCH_QUICK=1 runs 20,000 vs 200,000 instead.
 
 The machine has two cores: the fake server and the worker compete for them, so absolute rates are lower
 than on a real deployment; the ratios are what the bench is for. The last stdout line is one JSON object.

@@ -1,4 +1,4 @@
-"""`make bench` keeps working: a tiny run prints every figure the issue asks for (no timing is asserted)."""
+"""`make bench` keeps working: a tiny run prints every figure of the README's performance table (no timing is asserted)."""
 
 import json
 import os

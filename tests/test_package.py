@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_telemetry import FakeIngestion
+from tests.unit.test_azure_monitor import FakeIngestion
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("pyproject.toml", "README.md", "worker")  # what the Dockerfile copies into the build
@@ -191,7 +191,7 @@ def test_wheel_ships_the_package_the_entry_point_and_the_extra(installed: Instal
     assert {
         "worker/__init__.py",
         "worker/cli.py",
-        "worker/telemetry.py",
+        "worker/azure_monitor.py",
         "worker/storage/__init__.py",
     } <= names
     assert not [n for n in names if n.startswith(("tests/", "scripts/"))]
@@ -260,10 +260,11 @@ def test_run_with_nothing_configured_exits_2_with_a_summary(installed: Installed
 
 TELEMETRY_SCRIPT = """
 from worker import logs
-from worker.metrics import RunStats
-from worker.telemetry import open_telemetry
+from worker.report import RunStats
+from worker.azure_monitor import open_telemetry
+from worker.settings import load_settings
 logs.configure(json_lines=True)
-t = open_telemetry(run_id="packaged")
+t = open_telemetry(load_settings({}), run_id="packaged")
 stats = RunStats()
 t.attach(stats)
 stats.latency.add(0.5)

@@ -43,8 +43,8 @@ from worker.errors import AccessDenied, ConfigError, Unfinished
 from worker.formats import Request
 from worker.health import Circuit, Health
 from worker.identity import OPENAI_SCOPE, SharedTokens, describe_principal
-from worker.metrics import RunStats
 from worker.ratelimit import Budgets, Permit, RateBudget, estimate_tokens
+from worker.report import RunStats
 
 log = structlog.get_logger("worker.calls")
 
@@ -58,7 +58,6 @@ TRANSIENT_ERRORS = (
     ServiceRequestError,
     ServiceResponseError,
 )
-MISCONFIGURED_CODES = {"DeploymentNotFound", "OperationNotSupported", "404"}
 
 
 class Verdict(enum.Enum):

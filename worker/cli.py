@@ -1,25 +1,37 @@
-"""`worker run` and `worker doctor`: parse flags, load settings once, run, map the outcome to an exit code."""
+"""`worker run` and `worker doctor`: parse flags, load settings once, run, map the outcome to an exit code.
+
+The flags of both commands are made from the settings table (worker.settings): each option's flag, help
+and environment variables from `OPTIONS`, its type and default from the `Settings` field. A flag that is
+not given is None, so that the environment, the job file or the default decides (see `load_settings`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, get_args
 
 import structlog
 import typer
 
 from worker import logs
 from worker.errors import ConfigError
-from worker.lifecycle import EXIT_CONFIG, RunResult, run_job
-from worker.settings import AUTH_MODES, OPTIONS_BY_NAME, Settings, load_settings
+from worker.lifecycle import EXIT_CONFIG, run_job
+from worker.report import RunResult, RunStats
+from worker.settings import AUTH_MODES, OPTIONS, OPTIONS_BY_NAME, Settings, load_settings, shown_default
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Keyless, resumable batch worker for Azure OpenAI: prompt files in, Batch API result lines out.",
 )
+
+RUN_SETTINGS = tuple(option.name for option in OPTIONS if option.flag)
+"""The settings `worker run` takes as flags: every one that has a flag."""
+DOCTOR_SETTINGS = ("source", "sink", "deployment", "auth", "endpoint", "job_file")
+Command = TypeVar("Command", bound=Callable[..., None])
 
 
 def _print_version(value: bool) -> None:
@@ -40,86 +52,70 @@ def _root(
     """Keyless, resumable batch worker for Azure OpenAI."""
 
 
-def _help(name: str) -> str:
+def _flag_type(name: str) -> type:
+    """int or float when the setting's field is a number, else str (Settings validates the rest)."""
+    annotation = Settings.model_fields[name].annotation
+    kinds = get_args(annotation) or (annotation,)
+    return next((kind for kind in (int, float) if kind in kinds), str)
+
+
+def _flag(name: str) -> inspect.Parameter:
+    """The command parameter of one setting: its flag, its help with its variables and default."""
     option = OPTIONS_BY_NAME[name]
-    return f"{option.help} [env: {', '.join(option.env)}]"
+    notes = [f"env: {', '.join(option.env)}"]
+    default = shown_default(name)
+    if default is not None:
+        notes.append(f"default: {default}")
+    help_text = option.help + "".join(f" \\[{note}]" for note in notes)  # \[: not rich markup
+    kind: Any = _flag_type(name) | None
+    flag = typer.Option(option.flag, help=help_text, show_default=False)
+    annotation: object = Annotated[kind, flag]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _setting_flags(*names: str) -> Callable[[Command], Command]:
+    """Give a command one flag per setting in `names`, ahead of its own parameters; it gets them in
+    `**flags` (None when not given)."""
+
+    def add(command: Command) -> Command:
+        own = inspect.signature(command, eval_str=True).parameters.values()
+        parameters = [_flag(name) for name in names] + [p for p in own if p.kind is not p.VAR_KEYWORD]
+        command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+        return command
+
+    return add
+
+
+def _check_auth(flags: dict[str, Any]) -> None:
+    auth = flags.get("auth")
+    if auth is not None and auth not in AUTH_MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(AUTH_MODES)}", param_hint="--auth")
 
 
 def _json_mode(settings_format: str) -> bool:
     return settings_format == "json" or (settings_format == "auto" and not sys.stdout.isatty())
 
 
-def _load(flags: dict[str, Any], job: str | None) -> Settings:
+def _load(flags: dict[str, Any]) -> Settings:
     try:
-        return load_settings(flags, job_file=job)
+        return load_settings(flags, job_file=flags.pop("job_file"))
     except ConfigError as error:
         logs.configure(json_lines=not sys.stdout.isatty())
         structlog.get_logger("worker").error("run.config_error", error=str(error))
-        _print_summary(
-            RunResult(run_id="-", exit_code=EXIT_CONFIG, stats=_empty_stats(), error=str(error)), True
-        )
+        _print_summary(RunResult(run_id="-", exit_code=EXIT_CONFIG, stats=RunStats(), error=str(error)), True)
         raise typer.Exit(EXIT_CONFIG) from None
 
 
-def _empty_stats() -> Any:
-    from worker.metrics import RunStats
-
-    return RunStats()
-
-
 @app.command()
+@_setting_flags(*RUN_SETTINGS)
 def run(
-    source: Annotated[str | None, typer.Option(help=_help("source"), show_default=False)] = None,
-    sink: Annotated[str | None, typer.Option(help=_help("sink"), show_default=False)] = None,
-    deployment: Annotated[str | None, typer.Option(help=_help("deployment"), show_default=False)] = None,
-    auth: Annotated[
-        str | None, typer.Option(help=_help("auth") + " [default: auto]", show_default=False)
-    ] = None,
-    concurrency: Annotated[int | None, typer.Option(help=_help("concurrency") + " [default: 32]")] = None,
-    job: Annotated[
-        str | None, typer.Option(help="TOML job file (see jobs/example.toml) [env: WORKER_JOB_FILE]")
-    ] = None,
-    request_timeout: Annotated[
-        float | None, typer.Option(help=_help("request_timeout") + " [default: 120]")
-    ] = None,
-    max_attempts: Annotated[int | None, typer.Option(help=_help("max_attempts") + " [default: 6]")] = None,
-    tpm: Annotated[int | None, typer.Option(help=_help("tpm"))] = None,
-    rpm: Annotated[int | None, typer.Option(help=_help("rpm"))] = None,
-    drain_seconds: Annotated[
-        float | None, typer.Option(help=_help("drain_seconds") + " [default: 15]")
-    ] = None,
-    outage_seconds: Annotated[
-        float | None, typer.Option(help=_help("outage_seconds") + " [default: 300]")
-    ] = None,
-    lease_seconds: Annotated[int | None, typer.Option(help=_help("lease_seconds") + " [default: 30]")] = None,
-    endpoint: Annotated[str | None, typer.Option(help=_help("endpoint"))] = None,
-    api_version: Annotated[str | None, typer.Option(help=_help("api_version"))] = None,
-    run_id: Annotated[str | None, typer.Option(help=_help("run_id"))] = None,
-    log_format: Annotated[str | None, typer.Option(help=_help("log_format") + " [default: auto]")] = None,
+    *,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs (every retry).")] = False,
+    **flags: Any,
 ) -> None:
     """Process every prompt file under SOURCE into result lines under SINK."""
-    if auth is not None and auth not in AUTH_MODES:
-        raise typer.BadParameter(f"must be one of {', '.join(AUTH_MODES)}", param_hint="--auth")
-    flags = {
-        "source": source,
-        "sink": sink,
-        "deployment": deployment,
-        "auth": auth,
-        "concurrency": concurrency,
-        "request_timeout": request_timeout,
-        "max_attempts": max_attempts,
-        "tpm": tpm,
-        "rpm": rpm,
-        "drain_seconds": drain_seconds,
-        "outage_seconds": outage_seconds,
-        "lease_seconds": lease_seconds,
-        "endpoint": endpoint,
-        "api_version": api_version,
-        "run_id": run_id,
-        "log_format": log_format,
-    }
-    settings = _load(flags, job)
+    _check_auth(flags)
+    settings = _load(flags)
     json_lines = _json_mode(settings.log_format)
     logs.configure(json_lines=json_lines, verbose=verbose)
     result = asyncio.run(_run_and_report(settings)) if json_lines else _run_with_progress(settings)
@@ -137,25 +133,20 @@ async def _run_and_report(
 
 
 @app.command()
+@_setting_flags(*DOCTOR_SETTINGS)
 def doctor(
-    source: Annotated[str | None, typer.Option(help=_help("source"), show_default=False)] = None,
-    sink: Annotated[str | None, typer.Option(help=_help("sink"), show_default=False)] = None,
-    deployment: Annotated[str | None, typer.Option(help=_help("deployment"), show_default=False)] = None,
-    auth: Annotated[str | None, typer.Option(help=_help("auth"), show_default=False)] = None,
-    endpoint: Annotated[str | None, typer.Option(help=_help("endpoint"), show_default=False)] = None,
-    job: Annotated[str | None, typer.Option(help="TOML job file [env: WORKER_JOB_FILE]")] = None,
+    *,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of the screen.")] = False,
+    **flags: Any,
 ) -> None:
     """Explain what is misconfigured: credential and principal, DNS, tokens, source, sink, deployment."""
     import json
 
     from worker.doctor import diagnose, render
 
-    if auth is not None and auth not in AUTH_MODES:
-        raise typer.BadParameter(f"must be one of {', '.join(AUTH_MODES)}", param_hint="--auth")
-    flags = {"source": source, "sink": sink, "deployment": deployment, "auth": auth, "endpoint": endpoint}
+    _check_auth(flags)
     try:
-        settings = load_settings(flags, job_file=job)
+        settings = load_settings(flags, job_file=flags.pop("job_file"))
     except ConfigError as error:
         typer.echo(f"FAIL  settings: {error}")
         raise typer.Exit(EXIT_CONFIG) from None

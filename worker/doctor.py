@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 import time
 from collections.abc import Awaitable
@@ -28,16 +27,15 @@ import httpx2
 import openai
 
 from worker.calls import error_code, error_message
-from worker.errors import ConfigError
+from worker.errors import ConfigError, first_line
 from worker.identity import (
     OPENAI_SCOPE,
     STORAGE_SCOPE,
     TokenEndpointUnavailable,
     describe_principal,
-    first_line,
     token_claims,
 )
-from worker.services import Clients, open_clients
+from worker.services import Clients, ignored_variables, open_clients
 from worker.settings import Settings, describe
 from worker.storage.urls import BlobLocation, Location, parse_location
 
@@ -174,16 +172,13 @@ def _check_settings(settings: Settings, report: Report) -> dict[str, Location]:
                 continue
         report.add(f"setting {name}", True, str(value))
     report.add("setting auth", True, settings.auth)
-    for variable in ("AZURE_OPENAI_AD_TOKEN",) + (
-        ("AZURE_OPENAI_API_KEY",) if settings.auth != "api-key" else ()
-    ):
-        if os.environ.get(variable):
-            report.add(
-                f"variable {variable}",
-                False,
-                "set, and ignored by the worker",
-                f"unset {variable} to avoid confusion",
-            )
+    for variable in ignored_variables(settings):
+        report.add(
+            f"variable {variable}",
+            False,
+            "set, and ignored by the worker",
+            f"unset {variable} to avoid confusion",
+        )
     return locations
 
 

@@ -54,3 +54,9 @@ class UnsafeName(WorkerError):
 
 class NameCollision(WorkerError):
     """The result path of an input is taken by a file or blob the worker did not create."""
+
+
+def first_line(message: str | None) -> str:
+    """The first line of a long error message (a credential's, an SDK's): it carries the cause, and never
+    a secret."""
+    return (message or "").strip().splitlines()[0] if message and message.strip() else "authentication failed"

@@ -1,6 +1,6 @@
 """Input files → requests; outcomes → Batch API result lines.
 
-Inputs (PRODUCT.md):
+Inputs (the README's Inputs table):
 - `.txt`, `.md`: the whole file is one user message; custom_id = path relative to SOURCE.
 - `.json`: one chat request body; custom_id = relative path.
 - `.jsonl`: one Batch API request a line: {"custom_id", "method": "POST", "url", "body"}.
@@ -520,13 +520,6 @@ class ResultScanner:
                 continue
             if isinstance(custom_id, str):
                 self.ids.add(custom_id)
-
-
-def custom_ids_in(data: bytes) -> tuple[FingerprintSet, int]:
-    """The custom_ids recorded in `data` and the length of its complete lines (see ResultScanner)."""
-    scanner = ResultScanner()
-    scanner.feed(data)
-    return scanner.ids, scanner.complete
 
 
 @dataclass(frozen=True, kw_only=True)

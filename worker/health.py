@@ -47,7 +47,6 @@ class Circuit:
         self._probing = False
         self._changed = asyncio.Event()
         self.down: DeploymentDown | None = None
-        self.outages = 0
 
     @staticmethod
     def _now() -> float:
@@ -110,7 +109,6 @@ class Circuit:
             self._changed.set()
         elif not self._open and self.failures_in_a_row >= FAILURES_TO_OPEN:
             self._open = True
-            self.outages += 1
             self._probe_at = now + self._probe_interval
             log.warning(
                 "deployment.unavailable",

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +26,8 @@ from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError, ServiceResponseError
 from azure.identity import CredentialUnavailableError
 
-from worker.errors import ConfigError
-from worker.settings import Settings
+from worker.errors import ConfigError, first_line
+from worker.settings import OPTIONS_BY_NAME, Settings
 
 log = structlog.get_logger("worker.identity")
 
@@ -40,16 +39,20 @@ REFRESH_RETRY_SECONDS = 10.0
 _FRESH_CLAIMS = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}'
 
 
-def build_credential(settings: Settings, environ: Mapping[str, str] | None = None) -> AsyncTokenCredential:
-    """The azure-identity credential for the chosen mode; missing environment → ConfigError naming it."""
+def build_credential(settings: Settings) -> AsyncTokenCredential:
+    """The azure-identity credential for `settings.auth`, from the identity settings (AZURE_CLIENT_ID, ...);
+    one the mode needs and lacks → ConfigError naming its environment variable.
+
+    The credentials still read their own platform's variables themselves (IDENTITY_ENDPOINT for a managed
+    identity, the chain of DefaultAzureCredential, AZURE_AUTHORITY_HOST for the authority).
+    """
     from azure.identity import aio
 
-    environ = os.environ if environ is None else environ
     mode = settings.auth
-    client_id = environ.get("AZURE_CLIENT_ID") or None
+    tenant, client_id = settings.azure_tenant_id, settings.azure_client_id
 
     def need(*names: str) -> None:
-        missing = [name for name in names if not environ.get(name)]
+        missing = [OPTIONS_BY_NAME[name].env[0] for name in names if not getattr(settings, name)]
         if missing:
             raise ConfigError(f"--auth {mode} needs {', '.join(missing)} in the environment")
 
@@ -58,35 +61,41 @@ def build_credential(settings: Settings, environ: Mapping[str, str] | None = Non
     if mode == "managed-identity":
         return aio.ManagedIdentityCredential(client_id=client_id)
     if mode == "service-principal":
-        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID")
-        tenant, app = environ["AZURE_TENANT_ID"], environ["AZURE_CLIENT_ID"]
-        if environ.get("AZURE_CLIENT_SECRET"):
-            return aio.ClientSecretCredential(tenant, app, environ["AZURE_CLIENT_SECRET"])
-        if environ.get("AZURE_CLIENT_CERTIFICATE_PATH"):
+        need("azure_tenant_id", "azure_client_id")
+        assert tenant and client_id
+        if settings.azure_client_secret:
+            return aio.ClientSecretCredential(
+                tenant, client_id, settings.azure_client_secret.get_secret_value()
+            )
+        if settings.azure_client_certificate_path:
+            password = settings.azure_client_certificate_password
             return aio.CertificateCredential(
                 tenant,
-                app,
-                environ["AZURE_CLIENT_CERTIFICATE_PATH"],
-                password=environ.get("AZURE_CLIENT_CERTIFICATE_PASSWORD") or None,
+                client_id,
+                settings.azure_client_certificate_path,
+                password=password.get_secret_value() if password else None,
             )
         raise ConfigError(
             "--auth service-principal needs AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH in the environment"
         )
     if mode == "workload-identity":
-        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_FEDERATED_TOKEN_FILE")
-        return aio.WorkloadIdentityCredential()
+        need("azure_tenant_id", "azure_client_id", "azure_federated_token_file")
+        return aio.WorkloadIdentityCredential(
+            tenant_id=tenant, client_id=client_id, token_file_path=settings.azure_federated_token_file
+        )
     if mode == "azure-cli":
         return aio.AzureCliCredential()
     if mode == "gcp-federation":
-        need("AZURE_TENANT_ID", "AZURE_CLIENT_ID")
-        google = GoogleIdToken(environ.get("GCE_METADATA_HOST") or GOOGLE_METADATA_HOST)
-        return aio.ClientAssertionCredential(environ["AZURE_TENANT_ID"], environ["AZURE_CLIENT_ID"], google)
+        need("azure_tenant_id", "azure_client_id")
+        assert tenant and client_id
+        google = GoogleIdToken(settings.gce_metadata_host or GOOGLE_METADATA_HOST)
+        return aio.ClientAssertionCredential(tenant, client_id, google)
     if mode == "interactive":
         from azure.identity import InteractiveBrowserCredential
 
-        options: dict[str, Any] = {"disable_instance_discovery": bool(environ.get("AZURE_AUTHORITY_HOST"))}
-        if environ.get("AZURE_TENANT_ID"):
-            options["tenant_id"] = environ["AZURE_TENANT_ID"]
+        options: dict[str, Any] = {"disable_instance_discovery": bool(settings.azure_authority_host)}
+        if tenant:
+            options["tenant_id"] = tenant
         if client_id:
             options["client_id"] = client_id
         return SyncCredentialInThread(InteractiveBrowserCredential(**options))
@@ -98,9 +107,9 @@ FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 
 
 class GoogleIdToken:
-    """Google → Entra federation (seed 002): a Google ID token for `api://AzureADTokenExchange`, from the
-    metadata server of Cloud Run / GCE / GKE, used as the client assertion. Cached until 5 minutes before
-    it expires (Google tokens live an hour), then fetched again.
+    """Google → Entra federation (--auth gcp-federation): a Google ID token for
+    `api://AzureADTokenExchange`, from the metadata server of Cloud Run / GCE / GKE, used as the client
+    assertion. Cached until 5 minutes before it expires (Google tokens live an hour), then fetched again.
     """
 
     def __init__(self, metadata_host: str) -> None:
@@ -238,13 +247,12 @@ class SharedTokens(AsyncTokenCredential):
     - A transient failure (token endpoint unreachable, 429, 5xx) raises TokenEndpointUnavailable, which
       the callers' own retry layers retry; a definitive one raises ConfigError (exit 2).
 
-    Counts (`fetches`, `refreshes`) feed the run manifest.
+    `refreshes` (tokens fetched anew because a service refused the cached one) is the run's `token_refreshes`.
     """
 
     def __init__(self, credential: AsyncTokenCredential) -> None:
         self._credential = credential
         self._slots: dict[str, _Slot] = {}
-        self.fetches = 0
         self.refreshes = 0
 
     @property
@@ -338,7 +346,6 @@ class SharedTokens(AsyncTokenCredential):
             slot.generation += 1
 
     async def _fetch_once(self, scope: str, *, fresh: bool) -> AccessTokenInfo:
-        self.fetches += 1
         try:
             if fresh:
                 options: TokenRequestOptions = {"claims": _FRESH_CLAIMS % int(time.time())}
@@ -394,7 +401,6 @@ class SharedTokens(AsyncTokenCredential):
         token was refused): it goes to the credential, and a claims answer replaces the cached token.
         """
         if options and (options.get("claims") or options.get("tenant_id")):
-            self.fetches += 1
             info: AccessTokenInfo = await self._credential.get_token_info(*scopes, options=options)  # type: ignore[attr-defined]
             if options.get("claims") and not options.get("tenant_id"):
                 self._slot(scopes[0]).token = info
@@ -407,8 +413,3 @@ class SharedTokens(AsyncTokenCredential):
 
     async def __aexit__(self, *args: object) -> None:
         await self.close()
-
-
-def first_line(message: str | None) -> str:
-    """Credential errors are long; the first line carries the cause (and never a secret)."""
-    return (message or "").strip().splitlines()[0] if message and message.strip() else "authentication failed"

@@ -1,4 +1,4 @@
-"""The process around a run: signals, the drain deadline, the manifest, the summary and the exit code.
+"""The process around a run: signals, the drain deadline, the clients, writing the manifest, the exit code.
 
 Exit codes (the contract with the platform):
     0  every item reached a final state (succeeded, or failed permanently and recorded)
@@ -9,57 +9,31 @@ Exit codes (the contract with the platform):
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
 
-from worker import __version__
+from worker.azure_monitor import FLUSH_SECONDS, open_telemetry
 from worker.calls import Caller
-from worker.errors import ConfigError
+from worker.errors import ConfigError, first_line
 from worker.health import Health
-from worker.identity import first_line
-from worker.metrics import RunStats
 from worker.pipeline import Pipeline, PipelineLimits
 from worker.ratelimit import Budgets
+from worker.report import RunResult, RunStats, manifest
 from worker.services import Clients, open_clients
 from worker.settings import Settings
 from worker.storage import Sink
-from worker.storage.urls import BlobLocation, LocalLocation, Location, parse_location
-from worker.telemetry import FLUSH_SECONDS, open_telemetry
+from worker.storage.urls import Location, overlap_filter, parse_location
 
 log = structlog.get_logger("worker")
 
 EXIT_DONE, EXIT_WORK_REMAINS, EXIT_CONFIG = 0, 1, 2
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    exit_code: int
-    stats: RunStats
-    error: str | None = None
-    manifest: str | None = None
-    rate_limits: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            **self.stats.summary(),
-            "exit_code": self.exit_code,
-            "duration_s": round((self.ended or time.time()) - self.started, 3),
-            "manifest": self.manifest,
-            **({"error": self.error} if self.error else {}),
-        }
 
 
 def new_run_id(settings: Settings) -> str:
@@ -69,93 +43,6 @@ def new_run_id(settings: Settings) -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-def overlap_filter(source: Location, sink: Location) -> Callable[[str], bool]:
-    """When the sink lies inside the source, the source listing must not pick up the worker's own output."""
-    inside: str | None = None
-    if isinstance(source, LocalLocation) and isinstance(sink, LocalLocation):
-        src, dst = source.path.resolve(), sink.path.resolve()
-        if dst == src or src in dst.parents:
-            inside = dst.relative_to(src).as_posix()
-            inside = "" if inside == "." else inside + "/"
-    elif (
-        isinstance(source, BlobLocation)
-        and isinstance(sink, BlobLocation)
-        and (source.account_url, source.container) == (sink.account_url, sink.container)
-        and sink.prefix.startswith(source.prefix)
-    ):
-        inside = sink.prefix[len(source.prefix) :]
-    if inside is None:
-        return lambda _path: False
-    if inside:
-        return lambda path: path.startswith(inside)
-    from worker.formats import RESULT_SUFFIX
-
-    return lambda path: path.endswith(RESULT_SUFFIX) or path.startswith("_")
-
-
-def estimated_cost(stats: RunStats, settings: Settings) -> float | None:
-    """Tokens this run used × the job's prices per million; None when no price is configured."""
-    if settings.price_input_per_million is None and settings.price_output_per_million is None:
-        return None
-    cost = stats.prompt_tokens * (settings.price_input_per_million or 0.0)
-    cost += stats.completion_tokens * (settings.price_output_per_million or 0.0)
-    return round(cost / 1_000_000, 6)
-
-
-def manifest(result: RunResult, settings: Settings) -> bytes:
-    stats = result.stats
-    document = {
-        "run_id": result.run_id,
-        "worker_version": __version__,
-        "started": datetime.fromtimestamp(result.started, UTC).isoformat(),
-        "ended": datetime.fromtimestamp(result.ended or time.time(), UTC).isoformat(),
-        "exit_code": result.exit_code,
-        "error": result.error,
-        "source": settings.source,
-        "sink": settings.sink,
-        "deployment": settings.deployment,
-        "auth": settings.auth,
-        "counts": {
-            k: getattr(stats, k)
-            for k in (
-                "total",
-                "succeeded",
-                "failed",
-                "skipped",
-                "interrupted",
-                "units_done",
-                "units_skipped",
-                "units_held",
-                "changed_inputs",
-            )
-        },
-        "calls": {
-            "requests": stats.requests,
-            "retries": stats.retries,
-            "throttled": stats.throttled,
-            "token_refreshes": stats.token_refreshes,
-            "throttle_wait_seconds": round(stats.throttle_wait_seconds, 3),
-        },
-        "tokens": {
-            "prompt": stats.prompt_tokens,
-            "completion": stats.completion_tokens,
-            "total": stats.prompt_tokens + stats.completion_tokens,
-        },
-        "estimated_cost": estimated_cost(stats, settings),
-        "latency_seconds": {
-            "p50": stats.latency.percentile(0.5),
-            "p90": stats.latency.percentile(0.9),
-            "p95": stats.latency.percentile(0.95),
-            "p99": stats.latency.percentile(0.99),
-        },
-        "errors_by_code": dict(stats.errors_by_code),
-        "rate_limits": result.rate_limits,
-        "input_problems": stats.problems,
-        "input_problems_not_listed": stats.problems_dropped,
-    }
-    return json.dumps(document, indent=2).encode()
-
-
 async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = lambda _n: None) -> RunResult:
     """Run one job to an exit code. Never raises for configuration problems: they become exit 2.
 
@@ -163,7 +50,7 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
     releasing leases and writing the manifest until `STOP_DEADLINE_SECONDS`, then the telemetry flush.
     """
     result = RunResult(run_id=new_run_id(settings), exit_code=EXIT_DONE, stats=RunStats())
-    telemetry = open_telemetry(run_id=result.run_id)
+    telemetry = open_telemetry(settings, run_id=result.run_id)
     telemetry.attach(result.stats)
     with Stopper(settings.drain_seconds) as stopper:
         try:
@@ -299,7 +186,6 @@ class Stopper:
         self._timers: list[asyncio.TimerHandle] = []
         self._signalled_at: float | None = None
         self.requested = 0
-        self.hard_stopped = False
 
     def __enter__(self) -> Stopper:
         loop = asyncio.get_running_loop()
@@ -337,7 +223,6 @@ class Stopper:
         if current is not None and not current.done():
             if self._pipeline is not None and current is self._pipeline_task:
                 log.warning("run.hard_stop", reason="drain deadline passed")
-                self.hard_stopped = True
             self._cancelling = current
             current.cancel()
 

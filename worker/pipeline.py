@@ -26,7 +26,7 @@ from worker.calls import Caller, Outcome
 from worker.errors import ConfigError, DeploymentDown, LeaseLost, Unfinished, UnitHeld
 from worker.formats import Duplicate, InputLimits, Rejected, Request
 from worker.idset import FingerprintCounts
-from worker.metrics import RunStats
+from worker.report import RunStats
 from worker.storage import SKIP_REASONS, ClaimedUnit, Sink, Source, SourceFile, names
 
 log = structlog.get_logger("worker.pipeline")

@@ -39,7 +39,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -371,8 +371,7 @@ class RateBudget:
     """Admission control for one deployment.
 
     `async with budget.admit(tokens) as permit:` around each attempt (window + pacing + pause), with
-    `permit.observe(response.headers)`; `pause(seconds)` on a 429's retry-after. `acquire(tokens)` is the
-    older form: pacing and pause only, no window slot.
+    `permit.observe(response.headers)`; `pause(seconds)` on a 429's retry-after.
     """
 
     def __init__(
@@ -406,10 +405,6 @@ class RateBudget:
         """`async with budget.admit(tokens) as permit:` — one attempt of estimated cost `tokens`."""
         return Permit(self, tokens)
 
-    async def acquire(self, tokens: int) -> float:
-        """Wait until a request of `tokens` fits the TPM/RPM budget; returns the seconds waited."""
-        return await self._wait_turn(tokens, None)
-
     def pause(self, seconds: float) -> None:
         """The service said to wait: hold every request to this deployment for `seconds`."""
         until = self.clock.now() + seconds
@@ -442,7 +437,7 @@ class RateBudget:
 
     # ---- pacing -----------------------------------------------------------------------------------
 
-    async def _wait_turn(self, tokens: int, permit: Permit | None) -> float:
+    async def _wait_turn(self, tokens: int, permit: Permit) -> float:
         clock = self.clock
         waited = 0.0
         if self._mean_cost is None:
@@ -459,9 +454,8 @@ class RateBudget:
             pauses = self._pauses
             start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
             entries = (self.tokens.commit(tokens, start, now), self.requests.commit(1, start, now))
-            if permit is not None:
-                permit.entries = entries
-                permit.usage = (self.tokens.recent_total, self.requests.recent_total)
+            permit.entries = entries
+            permit.usage = (self.tokens.recent_total, self.requests.recent_total)
             if start > now:
                 try:
                     await clock.sleep(start - now)
@@ -614,9 +608,6 @@ class Budgets:
                 tpm=self._tpm, rpm=self._rpm, clock=self._clock, max_window=self._concurrency
             )
         return budget
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._by_deployment)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per deployment: configured/learned/paced limits, window, latency, 429s."""

@@ -7,9 +7,8 @@ One SSL context (honouring SSL_CERT_FILE), one aiohttp session for Blob Storage,
 from __future__ import annotations
 
 import contextlib
-import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -30,25 +29,29 @@ from worker.storage.urls import BlobLocation, LocalLocation, Location
 log = structlog.get_logger("worker.services")
 
 
-def ssl_context() -> ssl.SSLContext:
+def ssl_context(settings: Settings) -> ssl.SSLContext:
     """The system's trust store, or SSL_CERT_FILE when set (a private CA, the local test stack)."""
-    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
+    return ssl.create_default_context(cafile=settings.ssl_cert_file)
 
 
-def warn_about_ignored_secrets(settings: Settings, environ: Mapping[str, str]) -> None:
-    """Variables the OpenAI SDK would silently prefer must not override the chosen mode."""
-    if environ.get("AZURE_OPENAI_AD_TOKEN"):
-        log.warning(
-            "config.ignored_variable",
-            variable="AZURE_OPENAI_AD_TOKEN",
-            reason="a static token would expire mid-run; the worker uses its own credential. Unset it.",
+def ignored_variables(settings: Settings) -> dict[str, str]:
+    """The variables that are set but that the worker ignores, each with why: the OpenAI SDK would silently
+    prefer them over the chosen mode."""
+    ignored: dict[str, str] = {}
+    if settings.azure_openai_ad_token is not None:
+        reason = "a static token would expire mid-run; the worker uses its own credential. Unset it."
+        ignored["AZURE_OPENAI_AD_TOKEN"] = reason
+    if settings.auth != "api-key" and settings.api_key is not None:
+        ignored["AZURE_OPENAI_API_KEY"] = (
+            f"--auth is {settings.auth}; the key is used only with --auth api-key"
         )
-    if settings.auth != "api-key" and environ.get("AZURE_OPENAI_API_KEY"):
-        log.warning(
-            "config.ignored_variable",
-            variable="AZURE_OPENAI_API_KEY",
-            reason=f"--auth is {settings.auth}; the key is used only with --auth api-key",
-        )
+    return ignored
+
+
+def warn_about_ignored_secrets(settings: Settings) -> None:
+    """One warning per variable the worker ignores (see `ignored_variables`)."""
+    for variable, reason in ignored_variables(settings).items():
+        log.warning("config.ignored_variable", variable=variable, reason=reason)
 
 
 class Clients:
@@ -58,13 +61,10 @@ class Clients:
     one BlobServiceClient per storage account, one AsyncAzureOpenAI.
     """
 
-    def __init__(
-        self, settings: Settings, stack: contextlib.AsyncExitStack, environ: Mapping[str, str]
-    ) -> None:
+    def __init__(self, settings: Settings, stack: contextlib.AsyncExitStack) -> None:
         self._settings = settings
         self._stack = stack
-        self._environ = environ
-        self._context = ssl_context()
+        self._context = ssl_context(settings)
         self._tokens: SharedTokens | None = None
         self._session: aiohttp.ClientSession | None = None
         self._blob_services: dict[str, BlobServiceClient] = {}
@@ -74,7 +74,7 @@ class Clients:
     def tokens(self) -> SharedTokens:
         """The shared token cache over the mode's credential (created on first use)."""
         if self._tokens is None:
-            self._tokens = SharedTokens(build_credential(self._settings, self._environ))
+            self._tokens = SharedTokens(build_credential(self._settings))
             self._stack.push_async_callback(self._tokens.close)
         return self._tokens
 
@@ -126,14 +126,11 @@ class Clients:
 
 
 @contextlib.asynccontextmanager
-async def open_clients(
-    settings: Settings, environ: Mapping[str, str] | None = None
-) -> AsyncIterator[Clients]:
+async def open_clients(settings: Settings) -> AsyncIterator[Clients]:
     """Clients for a run or a doctor check; everything opened is closed when the block ends."""
-    environ = os.environ if environ is None else environ
-    warn_about_ignored_secrets(settings, environ)
+    warn_about_ignored_secrets(settings)
     async with contextlib.AsyncExitStack() as stack:
-        yield Clients(settings, stack, environ)
+        yield Clients(settings, stack)
 
 
 def openai_client(
@@ -142,12 +139,6 @@ def openai_client(
     """AsyncAzureOpenAI on aiohttp, SDK retries off (the worker retries), keyed or keyless."""
     if settings.endpoint is None:
         raise ConfigError("missing setting: AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com)")
-    http_client = openai.DefaultAioHttpClient(
-        verify=context,
-        limits=httpx2.Limits(
-            max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency + 8
-        ),
-    )
     limits = httpx2.Limits(
         max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency + 8
     )

@@ -1,7 +1,10 @@
 """One frozen Settings object, read once at start-up: command-line flags > environment > job file > defaults.
 
-`OPTIONS` is the single table of every setting (flag, environment variables, job-file key, default, help).
-The CLI, the error messages for missing settings and the README's configuration table all come from it.
+`OPTIONS` is the single table of how every setting is named (flag, environment variables, job-file key) and
+what it does; `Settings` holds its type, default and bounds. The commands' options and their help, the
+environment and job file readers, the error messages for missing settings and the README's configuration
+table (checked by a test) all come from these two. `load_settings` is the only reader of the environment:
+everything else, down to the credential and the TLS context, gets the `Settings` it returns.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import PydanticUndefined
 
 from worker.errors import ConfigError
 from worker.formats import parameters_problem
@@ -43,7 +47,6 @@ class Option:
     env: tuple[str, ...]
     job_key: str | None
     help: str
-    secret: bool = False
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -81,6 +84,13 @@ OPTIONS: tuple[Option, ...] = (
         env=("WORKER_CONCURRENCY",),
         job_key="limits.concurrency",
         help="Azure OpenAI requests in flight at most.",
+    ),
+    Option(
+        name="job_file",
+        flag="--job",
+        env=("WORKER_JOB_FILE",),
+        job_key=None,
+        help="TOML job file (see jobs/example.toml).",
     ),
     Option(
         name="request_timeout",
@@ -165,7 +175,6 @@ OPTIONS: tuple[Option, ...] = (
         env=("AZURE_OPENAI_API_KEY",),
         job_key=None,
         help="Azure OpenAI key, used only with --auth api-key (never put it in a job file).",
-        secret=True,
     ),
     Option(
         name="storage_connection_string",
@@ -173,7 +182,6 @@ OPTIONS: tuple[Option, ...] = (
         env=("AZURE_STORAGE_CONNECTION_STRING",),
         job_key=None,
         help="Storage connection string; when set, storage uses it instead of the Entra credential.",
-        secret=True,
     ),
     Option(
         name="system_prompt",
@@ -195,6 +203,91 @@ OPTIONS: tuple[Option, ...] = (
         env=("WORKER_LOG_FORMAT",),
         job_key=None,
         help="json (one JSON object a line, for Log Analytics), console (progress bar), or auto (console in a TTY).",
+    ),
+    # The environment of the identity and the process: read here like every setting, set only there.
+    Option(
+        name="azure_client_id",
+        flag=None,
+        env=("AZURE_CLIENT_ID",),
+        job_key=None,
+        help="Client id of the identity: a user-assigned managed identity, or the app registration of --auth service-principal, workload-identity, gcp-federation or interactive.",
+    ),
+    Option(
+        name="azure_tenant_id",
+        flag=None,
+        env=("AZURE_TENANT_ID",),
+        job_key=None,
+        help="Entra tenant of that app registration.",
+    ),
+    Option(
+        name="azure_client_secret",
+        flag=None,
+        env=("AZURE_CLIENT_SECRET",),
+        job_key=None,
+        help="Client secret of the app registration, for --auth service-principal.",
+    ),
+    Option(
+        name="azure_client_certificate_path",
+        flag=None,
+        env=("AZURE_CLIENT_CERTIFICATE_PATH",),
+        job_key=None,
+        help="Certificate (PEM or PKCS12, with its private key) of the app registration, for --auth service-principal without a secret.",
+    ),
+    Option(
+        name="azure_client_certificate_password",
+        flag=None,
+        env=("AZURE_CLIENT_CERTIFICATE_PASSWORD",),
+        job_key=None,
+        help="Password of that certificate, if it has one.",
+    ),
+    Option(
+        name="azure_federated_token_file",
+        flag=None,
+        env=("AZURE_FEDERATED_TOKEN_FILE",),
+        job_key=None,
+        help="Kubernetes service account token that --auth workload-identity exchanges (set by the AKS webhook).",
+    ),
+    Option(
+        name="azure_authority_host",
+        flag=None,
+        env=("AZURE_AUTHORITY_HOST",),
+        job_key=None,
+        help="Entra authority other than login.microsoftonline.com (a sovereign cloud); --auth interactive then skips instance discovery.",
+    ),
+    Option(
+        name="gce_metadata_host",
+        flag=None,
+        env=("GCE_METADATA_HOST",),
+        job_key=None,
+        help="Google metadata server that --auth gcp-federation asks for an ID token, instead of metadata.google.internal.",
+    ),
+    Option(
+        name="ssl_cert_file",
+        flag=None,
+        env=("SSL_CERT_FILE",),
+        job_key=None,
+        help="CA certificates to trust instead of the system's (a private CA in front of storage or Azure OpenAI).",
+    ),
+    Option(
+        name="azure_openai_ad_token",
+        flag=None,
+        env=("AZURE_OPENAI_AD_TOKEN",),
+        job_key=None,
+        help="A static token the OpenAI SDK would prefer; it would expire mid-run, so the worker ignores it and warns.",
+    ),
+    Option(
+        name="applicationinsights_connection_string",
+        flag=None,
+        env=("APPLICATIONINSIGHTS_CONNECTION_STRING",),
+        job_key=None,
+        help="Send metrics to Application Insights (needs the `azure-monitor` extra: `pip install 'aoai-batch-worker[azure-monitor]'`, included in the image).",
+    ),
+    Option(
+        name="otel_service_name",
+        flag=None,
+        env=("OTEL_SERVICE_NAME",),
+        job_key=None,
+        help="Service name of those metrics (Application Insights' cloud role name) instead of aoai-batch-worker.",
     ),
 )
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
@@ -232,6 +325,18 @@ class Settings(BaseModel):
     job_file: str | None = None
     max_prompt_bytes: int = 8 * 1024 * 1024
     max_jsonl_bytes: int = 200 * 1024 * 1024
+    azure_client_id: str | None = None
+    azure_tenant_id: str | None = None
+    azure_client_secret: SecretStr | None = None
+    azure_client_certificate_path: str | None = None
+    azure_client_certificate_password: SecretStr | None = None
+    azure_federated_token_file: str | None = None
+    azure_authority_host: str | None = None
+    gce_metadata_host: str | None = None
+    ssl_cert_file: str | None = None
+    azure_openai_ad_token: SecretStr | None = None
+    applicationinsights_connection_string: SecretStr | None = None
+    otel_service_name: str | None = None
 
     @field_validator("drain_seconds")
     @classmethod
@@ -250,6 +355,14 @@ class Settings(BaseModel):
         missing = [name for name in names if getattr(self, name) in (None, "")]
         if missing:
             raise ConfigError("missing setting: " + "; ".join(describe(name) for name in missing))
+
+
+def shown_default(name: str) -> str | None:
+    """A setting's default as the help text and the README show it (`120`, not `120.0`); None if it has none."""
+    default = Settings.model_fields[name].default
+    if default is None or default is PydanticUndefined:
+        return None
+    return f"{default:g}" if isinstance(default, float) else str(default)
 
 
 def describe(name: str) -> str:
@@ -307,14 +420,19 @@ def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 def load_settings(
     flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, job_file: str | None = None
 ) -> Settings:
-    """Merge flags > environment > job file > defaults into one validated Settings."""
-    environ = os.environ if environ is None else environ
-    job_file = job_file or environ.get("WORKER_JOB_FILE") or None
+    """Merge flags > environment > job file > defaults into one validated Settings.
+
+    `environ` (default: the process environment) is read here and nowhere else; `job_file` is the --job
+    flag, which comes before WORKER_JOB_FILE.
+    """
+    from_env = from_environment(os.environ if environ is None else environ)
+    job_file_variable = from_env.pop("job_file", None)
+    job_file = job_file or job_file_variable
     merged: dict[str, Any] = {}
     if job_file:
         merged.update(load_job_file(Path(job_file)))
         merged["job_file"] = job_file
-    merged.update(from_environment(environ))
+    merged.update(from_env)
     merged.update({name: value for name, value in flags.items() if value is not None})
     try:
         return Settings(**merged)

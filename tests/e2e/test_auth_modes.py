@@ -1,4 +1,4 @@
-"""Issue 3: every authentication mode, end to end through the worker CLI and the real azure-identity,
+"""Every authentication mode, end to end through the worker CLI and the real azure-identity,
 against stand-ins that speak the real protocols. Nothing a run writes contains a token or a secret."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 2: blob → AsyncAzureOpenAI → blob, end to end, through the real CLI and SDKs."""
+"""Blob → AsyncAzureOpenAI → blob, end to end, through the real CLI and SDKs."""
 
 from __future__ import annotations
 

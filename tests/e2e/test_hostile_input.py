@@ -1,4 +1,4 @@
-"""Issue 11: hostile input — nothing hangs, nothing escapes, nothing is silently skipped.
+"""Hostile input — nothing hangs, nothing escapes, nothing is silently skipped.
 
 Each bad line gets its error record when the file is read (never called, never billed), the good lines
 around it are answered, and a rerun makes no call at all. First answers that are 429s with odd rate

@@ -1,4 +1,4 @@
-"""Issue 11: hostile names and changed inputs — nothing escapes the sink, nothing is silently skipped."""
+"""Hostile names and changed inputs — nothing escapes the sink, nothing is silently skipped."""
 
 from __future__ import annotations
 

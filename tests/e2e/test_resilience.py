@@ -1,4 +1,4 @@
-"""Issue 4: never lose, never duplicate — kill -9, overlapping runs, SIGTERM, bad input, faults."""
+"""Never lose, never duplicate — kill -9, overlapping runs, SIGTERM, bad input, faults."""
 
 from __future__ import annotations
 

@@ -185,13 +185,20 @@ def test_result_line_has_the_batch_output_shape() -> None:
     assert record["response"] is None
 
 
-def test_custom_ids_in_ignores_a_torn_last_line() -> None:
+def scanned(data: bytes) -> formats.ResultScanner:
+    scanner = formats.ResultScanner()
+    scanner.feed(data)
+    return scanner
+
+
+def test_the_result_scanner_ignores_a_torn_last_line() -> None:
     data = (
         formats.result_line("a", response={})
         + formats.result_line("b", response={})
         + b'{"id":"x","custom_id":"c"'
     )
-    ids, complete = formats.custom_ids_in(data)
+    scanner = scanned(data)
+    ids, complete = scanner.ids, scanner.complete
     assert ("a" in ids, "b" in ids, "c" in ids, len(ids)) == (True, True, False, 2)
     assert data[:complete].endswith(b"\n")
     assert complete == len(data) - len(b'{"id":"x","custom_id":"c"')
@@ -440,7 +447,7 @@ def test_a_record_for_a_name_that_is_not_utf8_is_still_written_and_read_back() -
     record = json.loads(data)
     assert data.isascii()
     assert record["custom_id"] == name
-    assert name in formats.custom_ids_in(data)[0]
+    assert name in scanned(data).ids
 
 
 # ---- over-long lines --------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
+async def turn(b: RateBudget, tokens: int) -> float:
+    """One attempt of `tokens` that is admitted and answers at once; the seconds it waited for its turn."""
+    async with b.admit(tokens) as permit:
+        return permit.waited
+
+
 class Throttled(Exception):
     """The simulated deployment answered 429 (the budget was told through `permit.throttled`)."""
 
@@ -148,7 +154,7 @@ def test_rpm_is_paced_evenly_and_never_exceeds_a_window() -> None:
         b = budget(tpm=None, rpm=60)  # 10 per 10 s
         starts = []
         for _ in range(40):
-            await b.acquire(1)
+            await turn(b, 1)
             starts.append((now(), 1.0))
         return starts
 
@@ -171,7 +177,7 @@ def test_tpm_uses_the_quota_less_the_guard_without_exceeding_any_window() -> Non
         starts: list[tuple[float, float]] = []
 
         async def one(cost: int) -> None:
-            await b.acquire(cost)
+            await turn(b, cost)
             starts.append((now(), float(cost)))
 
         await asyncio.gather(*(one(rng.randint(50, 500)) for _ in range(2000)))
@@ -189,8 +195,8 @@ def test_a_429_pause_holds_every_request() -> None:
     async def main() -> tuple[list[float], float]:
         b = budget(tpm=None, rpm=None)
         b.pause(2.5)
-        waited = await asyncio.gather(b.acquire(10), b.acquire(10))
-        return waited, await b.acquire(10)
+        waited = await asyncio.gather(turn(b, 10), turn(b, 10))
+        return waited, await turn(b, 10)
 
     waited, later = run_virtual(main())
     assert waited == [2.5, 2.5]
@@ -201,8 +207,8 @@ def test_a_pause_announced_while_pacing_requeues_the_sleeper() -> None:
     async def main() -> tuple[float, float]:
         b = budget(tpm=None, rpm=60)
         for _ in range(2):
-            await b.acquire(1)  # the next one must wait ~1 s
-        sleeper = asyncio.create_task(b.acquire(1))
+            await turn(b, 1)  # the next one must wait ~1 s
+        sleeper = asyncio.create_task(turn(b, 1))
         await asyncio.sleep(0.5)
         b.pause(5.0)
         await sleeper

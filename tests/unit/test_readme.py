@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from worker.lifecycle import EXIT_CONFIG, EXIT_DONE, EXIT_WORK_REMAINS
-from worker.settings import AUTH_MODES, OPTIONS
+from worker.settings import AUTH_MODES, OPTIONS, shown_default
 
 README = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
 
@@ -16,13 +16,21 @@ def test_readme_opens_with_the_two_commands() -> None:
     ]
 
 
+def code(value: str | None) -> str:
+    return f"`{value}`" if value else "—"
+
+
 def test_every_setting_is_in_the_configuration_table() -> None:
     rows = [line for line in README.splitlines() if line.startswith("| ")]
     for option in OPTIONS:
         matching = [row for row in rows if all(f"`{env}`" in row for env in option.env)]
         assert matching, f"README lacks a row for {option.name}"
-        if option.flag:
-            assert f"`{option.flag}`" in matching[0]
+        flag, _environment, job_key, default, *_ = (cell.strip() for cell in matching[0].split("|")[1:])
+        assert (flag, job_key, default) == (
+            code(option.flag),
+            code(option.job_key),
+            code(shown_default(option.name)),
+        ), option.name
 
 
 def test_every_auth_mode_is_documented() -> None:

@@ -4,8 +4,8 @@ import asyncio
 import json
 
 from worker import formats
-from worker.metrics import RunStats
 from worker.pipeline import UnitWriter
+from worker.report import RunStats
 from worker.storage import ResultFileFull
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import ConfigError
-from worker.storage.urls import BlobLocation, LocalLocation, parse_location
+from worker.storage.urls import BlobLocation, LocalLocation, overlap_filter, parse_location
 
 
 def test_virtual_host_blob_url() -> None:
@@ -43,3 +43,25 @@ def test_bad_blob_urls(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         parse_location(url, what="--source")
     assert "sig=abc" not in str(caught.value)
+
+
+def test_a_sink_inside_the_source_is_not_read_back(tmp_path: Path) -> None:
+    source = LocalLocation(path=tmp_path)
+    beside = overlap_filter(source, LocalLocation(path=tmp_path.parent / "elsewhere"))
+    below = overlap_filter(source, LocalLocation(path=tmp_path / "out"))
+    same = overlap_filter(source, LocalLocation(path=tmp_path))
+    assert not beside("out/a.txt.results.jsonl")
+    assert below("out/a.txt.results.jsonl") and below("out/b.txt") and not below("a.txt")
+    assert same("a.txt.results.jsonl") and same("_runs/r.json") and not same("a.txt")
+
+
+def test_a_blob_sink_inside_the_source_prefix_is_not_read_back() -> None:
+    source = parse_location("https://acct.blob.core.windows.net/c/in", what="--source")
+    below = overlap_filter(
+        source, parse_location("https://acct.blob.core.windows.net/c/in/out", what="--sink")
+    )
+    other = overlap_filter(
+        source, parse_location("https://acct.blob.core.windows.net/d/in/out", what="--sink")
+    )
+    assert below("out/x.txt.results.jsonl") and not below("x.txt")
+    assert not other("out/x.txt.results.jsonl")

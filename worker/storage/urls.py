@@ -1,4 +1,5 @@
-"""Parse a SOURCE or SINK into a local folder or a blob location.
+"""Parse a SOURCE or SINK into a local folder or a blob location, and tell which source paths are the
+worker's own output when the sink lies inside the source (`overlap_filter`).
 
 Blob URLs come in two styles:
 - virtual-host: https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX (and private link)
@@ -8,11 +9,13 @@ Blob URLs come in two styles:
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import ConfigError
+from worker.formats import RESULT_SUFFIX
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,3 +91,25 @@ def parse_location(value: str, *, what: str) -> Location:
     return BlobLocation(
         account_url=account_url, account=account, container=container, prefix=_folder("/".join(rest))
     )
+
+
+def overlap_filter(source: Location, sink: Location) -> Callable[[str], bool]:
+    """When the sink lies inside the source, the source listing must not pick up the worker's own output."""
+    inside: str | None = None
+    if isinstance(source, LocalLocation) and isinstance(sink, LocalLocation):
+        src, dst = source.path.resolve(), sink.path.resolve()
+        if dst == src or src in dst.parents:
+            inside = dst.relative_to(src).as_posix()
+            inside = "" if inside == "." else inside + "/"
+    elif (
+        isinstance(source, BlobLocation)
+        and isinstance(sink, BlobLocation)
+        and (source.account_url, source.container) == (sink.account_url, sink.container)
+        and sink.prefix.startswith(source.prefix)
+    ):
+        inside = sink.prefix[len(source.prefix) :]
+    if inside is None:
+        return lambda _path: False
+    if inside:
+        return lambda path: path.startswith(inside)
+    return lambda path: path.endswith(RESULT_SUFFIX) or path.startswith("_")

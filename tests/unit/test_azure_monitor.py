@@ -1,4 +1,4 @@
-"""worker.telemetry against a fake Application Insights ingestion endpoint on 127.0.0.1.
+"""worker.azure_monitor against a fake Application Insights ingestion endpoint on 127.0.0.1.
 
 The real azure-monitor-opentelemetry-exporter and OpenTelemetry SDK run unmodified: they POST their
 envelopes (a JSON array, gzip'd or not) to `{IngestionEndpoint}/v2.1/track`, and the fake answers as
@@ -26,9 +26,10 @@ from typing import Any
 import pytest
 import structlog
 
-from worker import telemetry
-from worker.metrics import LatencyHistogram, RunStats
-from worker.telemetry import CONNECTION_STRING_ENV, QUIET_DEFAULTS, Telemetry, open_telemetry
+from worker import azure_monitor
+from worker.azure_monitor import CONNECTION_STRING_ENV, QUIET_DEFAULTS, Telemetry, open_telemetry
+from worker.report import LatencyHistogram, RunStats
+from worker.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACK_PATH = "/v2.1/track"
@@ -170,7 +171,7 @@ def _restore_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """open_telemetry() sets the exporter's quiet defaults in os.environ; put it back after each test."""
     saved = dict(os.environ)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setattr(telemetry, "_warned_unavailable", False)
+    monkeypatch.setattr(azure_monitor, "_warned_unavailable", False)
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -190,9 +191,8 @@ def finished_run() -> RunStats:
 @pytest.mark.parametrize("environ", [{}, {CONNECTION_STRING_ENV: ""}, {CONNECTION_STRING_ENV: "  "}])
 def test_without_a_connection_string_telemetry_is_a_no_op(environ: dict[str, str]) -> None:
     quiet_before = {name: os.environ.get(name) for name in QUIET_DEFAULTS}
-    found = open_telemetry(environ=environ)
+    found = open_telemetry(load_settings({}, environ))
     assert type(found) is Telemetry
-    assert not found.enabled
     stats = finished_run()
     latency = stats.latency
     found.attach(stats)
@@ -203,13 +203,14 @@ def test_without_a_connection_string_telemetry_is_a_no_op(environ: dict[str, str
 
 
 def test_without_a_connection_string_nothing_is_imported() -> None:
-    """Zero cost: importing worker.telemetry and running the no-op imports neither OpenTelemetry nor the exporter."""
+    """Zero cost: importing worker.azure_monitor and running the no-op imports neither OpenTelemetry nor the exporter."""
     script = textwrap.dedent(
         """
         import sys
-        from worker.metrics import RunStats
-        from worker.telemetry import open_telemetry
-        t = open_telemetry()
+        from worker.report import RunStats
+        from worker.azure_monitor import open_telemetry
+        from worker.settings import load_settings
+        t = open_telemetry(load_settings({}))
         stats = RunStats()
         t.attach(stats)
         stats.latency.add(0.5)
@@ -237,8 +238,10 @@ def test_without_a_connection_string_nothing_is_imported() -> None:
 
 
 def test_run_metrics_arrive_at_the_ingestion_endpoint(ingestion: FakeIngestion) -> None:
-    found = open_telemetry(run_id="job-exec-42", environ={CONNECTION_STRING_ENV: ingestion.connection_string})
-    assert found.enabled
+    found = open_telemetry(
+        load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}), run_id="job-exec-42"
+    )
+    assert isinstance(found, azure_monitor.AzureMonitorTelemetry)
     stats = finished_run()
     found.attach(stats)
     for seconds in (0.2, 0.4, 1.5):
@@ -278,7 +281,7 @@ def test_call_latencies_are_exported_while_the_run_goes_on(
     ingestion: FakeIngestion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")  # ms; 60 s by default
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     stats = RunStats()
     found.attach(stats)
     stats.latency.add(0.25)
@@ -295,7 +298,7 @@ def test_call_latencies_are_exported_while_the_run_goes_on(
 
 
 def test_attach_leaves_a_histogram_with_values_alone(ingestion: FakeIngestion) -> None:
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     stats = RunStats()
     stats.latency.add(0.1)
     before = stats.latency
@@ -309,7 +312,7 @@ def test_attach_leaves_a_histogram_with_values_alone(ingestion: FakeIngestion) -
 
 def test_close_is_bounded_when_ingestion_hangs(ingestion: FakeIngestion) -> None:
     ingestion.mode = "hang"
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     found.record_run(finished_run(), 3.0, exit_code=0)
     with structlog.testing.capture_logs() as events:
         started = time.monotonic()
@@ -324,7 +327,7 @@ def test_close_is_bounded_when_ingestion_hangs(ingestion: FakeIngestion) -> None
 
 def test_rejected_metrics_do_not_break_the_run(ingestion: FakeIngestion) -> None:
     ingestion.mode = "reject"
-    found = open_telemetry(environ={CONNECTION_STRING_ENV: ingestion.connection_string})
+    found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: ingestion.connection_string}))
     found.record_run(finished_run(), 3.0, exit_code=0)
     assert found.close(timeout_s=10) is True
     assert ingestion.requests  # sent, refused, dropped (no offline storage in a job)
@@ -338,7 +341,7 @@ def test_missing_extra_warns_once_and_continues(
     monkeypatch.setitem(sys.modules, "azure.monitor.opentelemetry.exporter", None)
     environ = {CONNECTION_STRING_ENV: ingestion.connection_string}
     with structlog.testing.capture_logs() as events:
-        first, second = open_telemetry(environ=environ), open_telemetry(environ=environ)
+        first, second = open_telemetry(load_settings({}, environ)), open_telemetry(load_settings({}, environ))
     assert type(first) is Telemetry and type(second) is Telemetry
     assert len(events) == 1
     assert events[0]["event"] == "telemetry.unavailable"
@@ -360,7 +363,7 @@ def test_missing_extra_warns_once_and_continues(
 )
 def test_a_bad_connection_string_disables_telemetry_without_echoing_it(connection_string: str) -> None:
     with structlog.testing.capture_logs() as events:
-        found = open_telemetry(environ={CONNECTION_STRING_ENV: connection_string})
+        found = open_telemetry(load_settings({}, {CONNECTION_STRING_ENV: connection_string}))
     assert type(found) is Telemetry
     assert [e["event"] for e in events] == ["telemetry.disabled"]
     assert "secret" not in repr(events)
@@ -370,16 +373,16 @@ def test_a_bad_connection_string_disables_telemetry_without_echoing_it(connectio
 def test_ingestion_host_is_all_that_is_logged_of_the_connection_string() -> None:
     key = str(uuid.uuid4())
     assert (
-        telemetry.ingestion_host(f"InstrumentationKey={key};IngestionEndpoint=https://x.example/")
+        azure_monitor.ingestion_host(f"InstrumentationKey={key};IngestionEndpoint=https://x.example/")
         == "x.example"
     )
     assert (
-        telemetry.ingestion_host(
+        azure_monitor.ingestion_host(
             f"instrumentationkey={key};ingestionendpoint=http://127.0.0.1:5/;LiveEndpoint=y"
         )
         == "127.0.0.1:5"
     )
-    assert telemetry.ingestion_host(f"InstrumentationKey={key}") == "dc.services.visualstudio.com"
+    assert azure_monitor.ingestion_host(f"InstrumentationKey={key}") == "dc.services.visualstudio.com"
 
 
 # ---- subprocesses: the worker's real logging set-up, and a network guard ------------------------------
@@ -412,10 +415,11 @@ import logging
 from worker import logs
 logs.configure(json_lines=True, verbose=True)
 logging.getLogger().setLevel(logging.DEBUG)  # everything the SDKs would ever say, on stderr
-from worker.metrics import RunStats
-from worker.telemetry import open_telemetry
+from worker.report import RunStats
+from worker.azure_monitor import open_telemetry
+from worker.settings import load_settings
 
-t = open_telemetry(run_id="guarded")
+t = open_telemetry(load_settings({}), run_id="guarded")
 stats = RunStats()
 t.attach(stats)
 stats.latency.add(0.3)
@@ -429,7 +433,7 @@ from azure.monitor.opentelemetry.exporter.statsbeat._state import is_statsbeat_e
 from azure.monitor.opentelemetry.exporter.statsbeat.customer._state import get_customer_stats_manager
 
 print(json.dumps({
-    "enabled": t.enabled,
+    "enabled": type(t).__name__ == "AzureMonitorTelemetry",
     "closed": ok,
     "contacted": sorted(set(contacted)),
     "statsbeat": is_statsbeat_enabled(),

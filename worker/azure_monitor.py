@@ -1,6 +1,6 @@
 """Optional run metrics for Azure Monitor (Application Insights), on only when a connection string is set.
 
-`APPLICATIONINSIGHTS_CONNECTION_STRING` unset (or empty): `open_telemetry()` returns a no-op `Telemetry` and
+`APPLICATIONINSIGHTS_CONNECTION_STRING` unset (or empty): `open_telemetry(settings)` is a no-op `Telemetry` and
 nothing is imported. Set: it imports the `azure-monitor` extra lazily (if the extra is missing, one warning and
 the run goes on) and exports, through the OpenTelemetry SDK's MeterProvider and a periodic reader, to the
 resource's ingestion endpoint (`{IngestionEndpoint}/v2.1/track`, table `customMetrics`):
@@ -13,6 +13,8 @@ resource's ingestion endpoint (`{IngestionEndpoint}/v2.1/track`, table `customMe
     worker.call.duration  histogram  seconds, one value per successful call (live, exported every
                                      OTEL_METRIC_EXPORT_INTERVAL ms, 60 s by default)
     worker.run.duration   histogram  seconds, one value per run, exit_code = 0 | 1 | 2
+
+The counters are worker.report's OUTCOMES, TOKENS and CALLS, as in the summary line and the manifest.
 
 The counters are recorded once, by `record_run()`, at the end of a run; `close()` then flushes within a
 bounded time, so a slow or unreachable ingestion endpoint can never hold the process past the SIGTERM
@@ -28,22 +30,23 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
 
-from worker.metrics import LatencyHistogram
+from worker.report import CALLS, OUTCOMES, LatencyHistogram
+from worker.settings import OPTIONS_BY_NAME, Settings
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
 
-    from worker.metrics import RunStats
+    from worker.report import RunStats
 
 log = structlog.get_logger("worker")
 
-CONNECTION_STRING_ENV = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+CONNECTION_STRING_ENV = OPTIONS_BY_NAME["applicationinsights_connection_string"].env[0]
 EXTRA_HINT = "pip install 'aoai-batch-worker[azure-monitor]'"
 SERVICE_NAME = "aoai-batch-worker"
 FLUSH_SECONDS = 5.0
@@ -58,13 +61,9 @@ QUIET_DEFAULTS = {
     "APPLICATIONINSIGHTS_SDKSTATS_DISABLED": "true",
 }
 
-OUTCOMES = ("succeeded", "failed", "skipped", "interrupted")
-
 
 class Telemetry:
     """No telemetry: what a run gets when Azure Monitor is not configured. Every method costs nothing."""
-
-    enabled = False
 
     def attach(self, stats: RunStats) -> None:
         """Export each call latency of this run's stats as it is measured (call before the run starts)."""
@@ -92,17 +91,19 @@ def ingestion_host(connection_string: str) -> str:
 _warned_unavailable = False
 
 
-def open_telemetry(*, run_id: str | None = None, environ: Mapping[str, str] | None = None) -> Telemetry:
+def open_telemetry(settings: Settings, *, run_id: str | None = None) -> Telemetry:
     """Azure Monitor metrics when APPLICATIONINSIGHTS_CONNECTION_STRING is set, else a no-op. Never raises."""
     global _warned_unavailable  # noqa: PLW0603 - one warning per process, however many runs
-    env = os.environ if environ is None else environ
-    connection_string = (env.get(CONNECTION_STRING_ENV) or "").strip()
+    secret = settings.applicationinsights_connection_string
+    connection_string = secret.get_secret_value().strip() if secret else ""
     if not connection_string:
         return Telemetry()
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)  # the exporter reads them from the process environment
     try:
-        telemetry = AzureMonitorTelemetry(connection_string, run_id=run_id)
+        telemetry = AzureMonitorTelemetry(
+            connection_string, run_id=run_id, service_name=settings.otel_service_name or SERVICE_NAME
+        )
     except ImportError as exc:
         if not _warned_unavailable:
             _warned_unavailable = True
@@ -139,9 +140,9 @@ class _ObservedHistogram(LatencyHistogram):
 class AzureMonitorTelemetry(Telemetry):
     """Metrics to Application Insights through azure-monitor-opentelemetry-exporter."""
 
-    enabled = True
-
-    def __init__(self, connection_string: str, *, run_id: str | None = None) -> None:
+    def __init__(
+        self, connection_string: str, *, run_id: str | None = None, service_name: str = SERVICE_NAME
+    ) -> None:
         from azure.monitor.opentelemetry.exporter import AzureMonitorMetricExporter
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -157,9 +158,7 @@ class AzureMonitorTelemetry(Telemetry):
             retry_total=2,
             retry_backoff_factor=0.25,
         )
-        attributes: dict[str, str] = {"service.version": __version__}
-        if not os.environ.get("OTEL_SERVICE_NAME"):
-            attributes["service.name"] = SERVICE_NAME
+        attributes = {"service.version": __version__, "service.name": service_name}  # cloud_RoleName
         if run_id:
             attributes["service.instance.id"] = run_id  # Application Insights: cloud_RoleInstance
         # The export interval comes from OTEL_METRIC_EXPORT_INTERVAL (ms, default 60 000).
@@ -172,13 +171,12 @@ class AzureMonitorTelemetry(Telemetry):
         meter = self._provider.get_meter("worker", __version__)
         self._items = meter.create_counter("worker.items", unit="{item}", description="Items by outcome")
         self._tokens = meter.create_counter("worker.tokens", unit="{token}", description="Tokens used")
-        self._requests = meter.create_counter(
-            "worker.requests", unit="{request}", description="Azure OpenAI calls made"
-        )
-        self._retries = meter.create_counter("worker.retries", unit="{retry}", description="Calls retried")
-        self._throttled = meter.create_counter(
-            "worker.throttled", unit="{response}", description="429 answers from Azure OpenAI"
-        )
+        self._calls = {
+            count.name: meter.create_counter(
+                f"worker.{count.name}", unit=count.unit, description=count.description
+            )
+            for count in CALLS
+        }
         self._call_duration = meter.create_histogram(
             "worker.call.duration", unit="s", description="Latency of each successful Azure OpenAI call"
         )
@@ -198,11 +196,10 @@ class AzureMonitorTelemetry(Telemetry):
         try:
             for outcome in OUTCOMES:
                 self._items.add(getattr(stats, outcome), {"outcome": outcome})
-            self._tokens.add(stats.prompt_tokens, {"token_type": "prompt"})
-            self._tokens.add(stats.completion_tokens, {"token_type": "completion"})
-            self._requests.add(stats.requests)
-            self._retries.add(stats.retries)
-            self._throttled.add(stats.throttled)
+            for kind, used in stats.tokens().items():
+                self._tokens.add(used, {"token_type": kind})
+            for name, value in stats.counts(*self._calls).items():
+                self._calls[name].add(value)
             self._run_duration.record(
                 max(0.0, duration_s), {} if exit_code is None else {"exit_code": exit_code}
             )
