@@ -41,7 +41,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.unit.test_telemetry import FakeIngestion
+from tests.stack.app_insights import FakeIngestion
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("pyproject.toml", "README.md", "worker")  # what the Dockerfile copies into the build
@@ -375,13 +375,11 @@ def test_without_the_extra_a_connection_string_gets_one_warning(installed: Insta
     assert key not in done.stdout + done.stderr
 
 
-def test_with_the_extra_metrics_reach_the_ingestion_endpoint(installed_with_monitor: Installed) -> None:
-    with FakeIngestion() as ingestion:
-        env = {
-            "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string,
-            "NO_PROXY": "127.0.0.1,localhost",
-        }
-        done = installed_with_monitor.run(installed_with_monitor.python, "-c", TELEMETRY_SCRIPT, env=env)
+def test_with_the_extra_metrics_reach_the_ingestion_endpoint(
+    installed_with_monitor: Installed, ingestion: FakeIngestion
+) -> None:
+    env = ingestion.environ()
+    done = installed_with_monitor.run(installed_with_monitor.python, "-c", TELEMETRY_SCRIPT, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "AzureMonitorTelemetry True"
     assert ingestion.total("worker.items", outcome="succeeded") == 3
