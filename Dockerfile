@@ -4,7 +4,11 @@
 #   docker run --rm -e WORKER_SOURCE=... -e WORKER_SINK=... aoai-batch-worker   # runs `worker run`
 #   docker run --rm aoai-batch-worker doctor                                       # explains misconfiguration
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# A specific Python release on a specific Debian release, so a rebuild does not move to the next one on
+# its own; the same image for both stages (the venv is copied across, its interpreter must be there).
+# requirements/lock.txt is resolved for this Python (3.11, Linux x86-64): change them together. For a
+# byte-identical base, append its digest: docker buildx imagetools inspect python:3.11.16-slim-trixie
+ARG PYTHON_IMAGE=python:3.11.16-slim-trixie
 
 # ---- builder: a self-contained virtual environment in /opt/venv -------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -18,16 +22,17 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 
-# Dependencies get their own layer: it is rebuilt only when pyproject.toml changes, not on every code edit.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['azure-monitor']))" \
-        > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+# Dependencies get their own layer, from the hash-locked list (`make lock`): exactly those versions and
+# files, the same on every build; the layer is rebuilt only when the lock changes, not on every code edit.
+COPY requirements/lock.txt ./requirements/
+RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements/lock.txt
 
-# Then the package itself, without touching the dependency layer (README.md is the package's readme).
-COPY README.md ./
+# Then the package itself, without touching the dependency layer (README.md is the package's readme);
+# `pip check` fails the build if the lock no longer satisfies the package's declared ranges.
+COPY pyproject.toml README.md ./
 COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps . \
+    && pip check \
     && worker --help > /dev/null
 
 # ---- runtime: the venv, the example job files, a non-root user ---------------------------------------------

@@ -4,14 +4,26 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint types unit bench deps clean
+# Dependencies come from hash-locked files, never from pyproject's ranges: the image installs
+# requirements/lock.txt, this venv requirements/dev-lock.txt (the same pins plus the dev tools).
+LOCK     := requirements/lock.txt
+DEV_LOCK := requirements/dev-lock.txt
+INSTALL  := -m pip install --quiet --require-hashes --only-binary=:all:
+# The platform the lock is resolved for, whichever machine runs `make lock`: the image's.
+LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
+COMPILE  := $(BIN)/uv pip compile --quiet --upgrade --generate-hashes --custom-compile-command 'make lock' $(LOCK_FOR)
+# $(call compile,ARGS,FILE): FILE is replaced only when its content changes (its date reinstalls the venv).
+compile = $(COMPILE) $(1) -o $(2).new && { cmp -s $(2).new $(2) && rm $(2).new || mv $(2).new $(2); }
+
+.PHONY: demo test lint types unit bench deps lock clean
 
 deps: $(VENV)/.installed node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+# A new lock gets a new venv (--clear), so nothing the lock dropped stays installed.
+$(VENV)/.installed: $(DEV_LOCK) pyproject.toml
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) $(INSTALL) -r $(DEV_LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -35,6 +47,11 @@ types:
 
 unit:
 	$(BIN)/pytest --cov --cov-report=term:skip-covered
+
+## Re-resolve every dependency to the newest versions pyproject.toml allows, with hashes; commit the result.
+lock: $(VENV)/.installed
+	$(call compile,pyproject.toml --extra azure-monitor,$(LOCK))
+	$(call compile,pyproject.toml --extra dev -c $(LOCK),$(DEV_LOCK))
 
 ## Throughput, quota utilisation and memory, against the local fakes.
 bench: deps

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Azure stack (Azurite + fake identity + fake Azure OpenAI) per test session."""
+"""Shared fixtures: one local Azure stack (Azurite + fake identity + fake Azure OpenAI) per test session,
+and a fake Application Insights ingestion endpoint per test that wants one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.stack import LocalStack
+from tests.stack.app_insights import FakeIngestion
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +23,13 @@ def stack(stack_session: LocalStack) -> LocalStack:
     stack_session.openai.reset()
     stack_session.identity.reset()
     return stack_session
+
+
+@pytest.fixture
+def ingestion(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIngestion]:
+    """A running fake ingestion endpoint, and this process's environment pointed at it (`environ()` has
+    the same variables for a child process)."""
+    with FakeIngestion() as fake:
+        for name, value in fake.environ().items():
+            monkeypatch.setenv(name, value)
+        yield fake

@@ -28,7 +28,6 @@ DOCKERFILE = ROOT / "Dockerfile"
 BICEP = ROOT / "infra" / "main.bicep"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
-WORKER_UID = 10001
 SERVICE_NAME = "worker"
 
 ROLE_OPENAI_USER = "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd"
@@ -110,36 +109,106 @@ def test_dockerfile_ignores_no_rule_without_a_reason() -> None:
     )
 
 
-def test_dockerfile_is_multi_stage_on_python_311_slim() -> None:
+def base_images() -> list[str]:
+    """The image each stage starts from, with the global ARG defaults substituted."""
     stages = dockerfile_stages()
-    froms = [args for stage in stages for args in instructions(stage, "FROM")]
-    assert len(froms) >= 2, "builder + runtime"
     global_args = {k: v for args in instructions(stages[0], "ARG") for k, v in env_pairs(args).items()}
-    final_base = froms[-1].split()[0]
-    final_base = re.sub(r"\$\{(\w+)\}", lambda m: global_args.get(m.group(1), m.group(0)), final_base)
-    assert final_base == "python:3.11-slim"
+    return [
+        re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), args.split()[0])
+        for stage in stages
+        for args in instructions(stage, "FROM")
+    ]
 
 
-def test_dockerfile_installs_dependencies_before_copying_the_source() -> None:
+PYTHON_IMAGE = re.compile(r"^(?:[\w.-]+/)*python(?::(?P<tag>[\w.-]+))?(?:@sha256:(?P<digest>[0-9a-f]{64}))?$")
+
+
+def python_pin(image: str) -> tuple[str | None, bool]:
+    """(the X.Y.Z release its tag names, whether a digest pins it) of a `python` image reference."""
+    parsed = PYTHON_IMAGE.match(image)
+    assert parsed, f"{image}: not the official python image"
+    release = re.match(r"(\d+\.\d+\.\d+)(?:-|$)", parsed["tag"] or "")
+    return (release.group(1) if release else None), parsed["digest"] is not None
+
+
+def lock_python() -> str:
+    """The Python version `make lock` resolves requirements/*.txt for."""
+    found = re.search(r"--python-version (\S+)", (ROOT / "Makefile").read_text())
+    assert found, "make lock names the Python version it resolves for"
+    return found.group(1)
+
+
+def test_dockerfile_stages_share_one_pinned_python_base() -> None:
+    images = base_images()
+    assert len(images) >= 2, "builder + runtime"
+    assert len(set(images)) == 1, f"the venv is copied across stages, so they need one interpreter: {images}"
+    release, digest = python_pin(images[0])
+    assert release or digest, f"{images[0]}: pin a release (python:3.11.N-...) or a digest"
+    if release:
+        assert release.startswith(f"{lock_python()}."), "the lock is resolved for another Python"
+
+
+@pytest.mark.parametrize(
+    ("image", "pinned"),
+    [
+        ("python:3.11-slim", False),
+        ("python:3.11", False),
+        ("python:latest", False),
+        ("python", False),
+        ("python:3.11.9-slim-trixie", True),
+        ("python:3.11.9", True),
+        ("python:3.11-slim@sha256:" + "0" * 64, True),
+        ("python@sha256:" + "0" * 64, True),
+    ],
+)
+def test_a_floating_python_tag_is_not_a_pin(image: str, pinned: bool) -> None:
+    release, digest = python_pin(image)
+    assert bool(release or digest) is pinned
+
+
+def dependency_install(stage: list[tuple[str, str]]) -> tuple[int, str]:
+    """(position among the stage's COPY/RUN, requirements file) of the RUN that installs the dependencies."""
+    order = [(i, a) for i, a in stage if i in {"COPY", "RUN"}]
+    for n, (instruction, args) in enumerate(order):
+        found = re.search(r"pip install [^&;|]*?(?:-r|--requirement)[ =](\S+)", args)
+        if instruction == "RUN" and found:
+            return n, found.group(1)
+    raise AssertionError("no `pip install -r` in the builder stage")
+
+
+def test_dockerfile_installs_the_hash_locked_dependencies_before_the_source() -> None:
     builder = dockerfile_stages()[1]
     order = [(i, a) for i, a in builder if i in {"COPY", "RUN"}]
-    copy_pyproject = next(n for n, (i, a) in enumerate(order) if i == "COPY" and "pyproject.toml" in a)
-    install_deps = next(n for n, (i, a) in enumerate(order) if i == "RUN" and "pip install" in a)
+    install, requirements = dependency_install(builder)
+    assert "--require-hashes" in order[install][1], "every file checked against the lock's hashes"
+
+    copied_before = [a.split()[:-1] for i, a in order[:install] if i == "COPY"]
+    assert [requirements] in copied_before, f"{requirements} is copied on its own before the install"
+    lock = (ROOT / requirements).read_text()
+    pins = re.findall(r"^([A-Za-z0-9._-]+)==\S+((?:\s+\\\n\s+--hash=sha256:[0-9a-f]{64})*)", lock, flags=re.M)
+    assert pins, f"{requirements} pins nothing"
+    assert all(hashes for _, hashes in pins), f"{requirements} has a pin without a hash"
+
     copy_source = next(n for n, (i, a) in enumerate(order) if i == "COPY" and a.split()[0] == "worker")
-    assert copy_pyproject < install_deps < copy_source
-    assert "worker" not in order[install_deps][1].split(), (
-        "the dependency layer must not depend on the source"
-    )
+    assert install < copy_source, "the dependency layer must not depend on the source"
+    package = next(a for i, a in order[copy_source:] if i == "RUN" and "pip install" in a)
+    assert "--no-deps" in package, "the package adds nothing the lock did not pin"
+
+
+def runtime_user() -> str:
+    users = instructions(dockerfile_stages()[-1], "USER")
+    assert users, "the runtime stage must switch to a non-root user"
+    return users[-1].split(":")[0]
 
 
 def test_dockerfile_runtime_stage_is_non_root_with_exec_form_entrypoint() -> None:
     runtime = dockerfile_stages()[-1]
-    users = instructions(runtime, "USER")
-    assert users, "the runtime stage must switch to a non-root user"
-    user = users[-1].split(":")[0]
-    assert user not in {"root", "0"}
-    assert user == str(WORKER_UID)
-    assert any(f"--uid {WORKER_UID}" in args for args in instructions(runtime, "RUN"))
+    uid = runtime_user()
+    assert uid.isdigit(), "a numeric uid: Kubernetes' runAsNonRoot can only verify a number"
+    assert int(uid) != 0
+    assert any(re.search(rf"--uid {uid}\b", args) for args in instructions(runtime, "RUN")), (
+        "the uid has a passwd entry and a home in the image"
+    )
 
     entrypoint = instructions(runtime, "ENTRYPOINT")
     assert len(entrypoint) == 1
@@ -307,11 +376,10 @@ def test_bicep_job_uses_the_identity_for_itself_and_the_registry() -> None:
 
 
 def test_bicep_job_is_tagged_for_azd_with_the_service_in_azure_yaml() -> None:
-    tags = job()["tags"]
-    found = json.dumps(tags)
-    assert '"\'azd-service-name\'": "worker"' in found
+    tagged = re.findall(r'"\'azd-service-name\'": "([^"]+)"', json.dumps(job()["tags"]))
     services = yaml.safe_load((ROOT / "azure.yaml").read_text())["services"]
-    assert SERVICE_NAME in services
+    assert len(tagged) == 1
+    assert tagged[0] in services, "azd deploys a service of azure.yaml to the job tagged with its name"
 
 
 def test_bicep_job_environment_is_keyless_and_complete() -> None:
@@ -461,7 +529,7 @@ def test_aks_cronjob_is_safe_to_stop_and_runs_non_root() -> None:
     assert pod["terminationGracePeriodSeconds"] == 30
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == WORKER_UID
+    assert str(pod["securityContext"]["runAsUser"]) == runtime_user(), "the image's own user"
     container = pod["containers"][0]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False

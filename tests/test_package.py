@@ -5,14 +5,19 @@ wheel and its dependencies, run as a non-root user with nothing configured". The
 
 1. `pip wheel --no-deps` builds the wheel from a copy of what the Dockerfile copies (pyproject.toml,
    README.md, worker/), so nothing is written into the work tree.
-2. A fresh venv (`--without-pip`, no system site-packages) from an interpreter the unprivileged user can
-   run, and `pip --python VENV install WHEEL` resolves the dependencies from the package index (PyPI and
-   the machine's configured mirrors): that is what checks the wheel's dependency metadata.
+2. Fresh venvs (`--without-pip`, no system site-packages) from an interpreter the unprivileged user can
+   run, filled from requirements/lock.txt, the hash-locked list the image installs:
+   - "image": as the Dockerfile does it, `pip install --require-hashes -r requirements/lock.txt`, then
+     the wheel with `--no-deps`, then `pip check` (the lock satisfies the wheel's declared ranges);
+   - "plain": `pip install WHEEL` with the lock's pins as constraints, so the resolver follows the wheel's
+     own metadata (no extra) and lands on the image's versions; a dependency the lock lacks shows up
+     as a package the lock does not pin.
 3. `worker --help` and `worker doctor` run as `nobody` (setpriv) with an empty environment, inside a new
    network namespace (unshare): unconfigured, DefaultAzureCredential probes the instance metadata service
    (169.254.169.254), which must not leave this machine.
 
-A second venv gets `WHEEL[azure-monitor]` and exports to a fake ingestion endpoint on 127.0.0.1.
+The image venv (with the azure-monitor extra, as the lock has it) exports to a fake ingestion endpoint
+on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -26,17 +31,21 @@ import sys
 import tempfile
 import textwrap
 import time
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from tests.unit.test_azure_monitor import FakeIngestion
+from tests.stack.app_insights import FakeIngestion
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("pyproject.toml", "README.md", "worker")  # what the Dockerfile copies into the build
+LOCK = ROOT / "requirements" / "lock.txt"  # what the Dockerfile installs the dependencies from
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -114,25 +123,40 @@ def _base_python(as_user: list[str]) -> str:
     pytest.skip("no Python 3.11 interpreter that an unprivileged user can run")
 
 
-def _install(extra: str, tmp_root: Path, wheel: Path, base: str, timings: dict[str, float]) -> Path:
-    venv = tmp_root / f"venv{extra.replace('[', '-').replace(']', '')}"
-    _timed(timings, f"venv{extra}", [base, "-m", "venv", "--without-pip", str(venv)])
-    _timed(
-        timings,
-        f"install{extra}",
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(venv / "bin" / "python"),
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            f"{wheel}{extra}",
-        ],
-    )
+def _pip(venv: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "--disable-pip-version-check",
+        "--python",
+        str(venv / "bin" / "python"),
+        *args,
+    ]
+
+
+def _new_venv(name: str, tmp_root: Path, base: str, timings: dict[str, float]) -> Path:
+    venv = tmp_root / f"venv-{name}"
+    _timed(timings, f"venv-{name}", [base, "-m", "venv", "--without-pip", str(venv)])
     return venv
+
+
+def lock_pins(lock: Path) -> dict[str, str]:
+    """Canonical name -> pinned version, from a `make lock` file."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line[:1].isalnum():
+            requirement = Requirement(line.rstrip(" \\"))
+            [specifier] = requirement.specifier
+            pins[canonicalize_name(requirement.name)] = specifier.version
+    return pins
+
+
+def _constraints(lock: Path, into: Path) -> Path:
+    """The lock's pins without their hashes: a hash in a constraint turns on hash-checking for every
+    requirement, which a freshly built wheel cannot pass."""
+    into.write_text("".join(f"{name}=={version}\n" for name, version in lock_pins(lock).items()))
+    return into
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +189,15 @@ def built() -> Iterator[tuple[Path, Path, str, list[str], list[str], dict[str, f
 
 @pytest.fixture(scope="module")
 def installed(built: tuple[Path, Path, str, list[str], list[str], dict[str, float]]) -> Installed:
+    """`pip install WHEEL` resolved from the wheel's own metadata, held to the lock's versions."""
     tmp_root, wheel, base, as_user, isolated, timings = built
-    venv = _install("", tmp_root, wheel, base, timings)
+    venv = _new_venv("plain", tmp_root, base, timings)
+    pins = _constraints(LOCK, tmp_root / "pins.txt")
+    _timed(
+        timings,
+        "install-plain",
+        _pip(venv, "install", "--quiet", "--only-binary=:all:", "-c", str(pins), str(wheel)),
+    )
     return Installed(venv, wheel, as_user, isolated, timings)
 
 
@@ -174,9 +205,64 @@ def installed(built: tuple[Path, Path, str, list[str], list[str], dict[str, floa
 def installed_with_monitor(
     built: tuple[Path, Path, str, list[str], list[str], dict[str, float]],
 ) -> Installed:
+    """The image's venv: the hash-locked dependencies (with the azure-monitor extra), then the wheel alone."""
     tmp_root, wheel, base, as_user, isolated, timings = built
-    venv = _install("[azure-monitor]", tmp_root, wheel, base, timings)
+    venv = _new_venv("image", tmp_root, base, timings)
+    _timed(
+        timings,
+        "install-lock",
+        _pip(venv, "install", "--quiet", "--require-hashes", "--only-binary=:all:", "-r", str(LOCK)),
+    )
+    _timed(timings, "install-wheel", _pip(venv, "install", "--quiet", "--no-deps", str(wheel)))
+    _timed(timings, "pip-check", _pip(venv, "check"))
     return Installed(venv, wheel, as_user, isolated, timings)
+
+
+def installed_versions(venv: Installed) -> dict[str, str]:
+    listed = subprocess.run(
+        _pip(venv.venv, "list", "--format", "json", "--exclude", "aoai-batch-worker"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed.stdout)}
+
+
+# ---- the lock -----------------------------------------------------------------------------------------
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_ranges() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for lock, wanted in [
+        (LOCK, project["dependencies"] + extras["azure-monitor"]),
+        (LOCK.with_name("dev-lock.txt"), [r for r in extras["dev"] if not r.startswith(project["name"])]),
+    ]:
+        pins = lock_pins(lock)
+        for line in wanted:
+            requirement = Requirement(line)
+            name = canonicalize_name(requirement.name)
+            assert name in pins, f"{lock.name} lacks {name}: run `make lock`"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (
+                f"{lock.name} pins {name}=={pins[name]}, outside {requirement.specifier}: run `make lock`"
+            )
+
+
+def test_the_dev_lock_tests_what_the_image_gets() -> None:
+    image, dev = lock_pins(LOCK), lock_pins(LOCK.with_name("dev-lock.txt"))
+    differ = {name: (version, dev.get(name)) for name, version in image.items() if dev.get(name) != version}
+    assert not differ, f"(lock.txt, dev-lock.txt) versions differ: {differ}; run `make lock`"
+
+
+def test_the_plain_install_needs_nothing_the_lock_does_not_pin(installed: Installed) -> None:
+    pins = lock_pins(LOCK)
+    unpinned = {name: v for name, v in installed_versions(installed).items() if pins.get(name) != v}
+    assert not unpinned, f"the wheel needs packages the lock does not pin: {unpinned}; run `make lock`"
+
+
+def test_the_image_venv_is_the_lock(installed_with_monitor: Installed) -> None:
+    assert installed_versions(installed_with_monitor) == lock_pins(LOCK)
 
 
 # ---- the wheel itself -------------------------------------------------------------------------------
@@ -290,13 +376,11 @@ def test_without_the_extra_a_connection_string_gets_one_warning(installed: Insta
     assert key not in done.stdout + done.stderr
 
 
-def test_with_the_extra_metrics_reach_the_ingestion_endpoint(installed_with_monitor: Installed) -> None:
-    with FakeIngestion() as ingestion:
-        env = {
-            "APPLICATIONINSIGHTS_CONNECTION_STRING": ingestion.connection_string,
-            "NO_PROXY": "127.0.0.1,localhost",
-        }
-        done = installed_with_monitor.run(installed_with_monitor.python, "-c", TELEMETRY_SCRIPT, env=env)
+def test_with_the_extra_metrics_reach_the_ingestion_endpoint(
+    installed_with_monitor: Installed, ingestion: FakeIngestion
+) -> None:
+    env = ingestion.environ()
+    done = installed_with_monitor.run(installed_with_monitor.python, "-c", TELEMETRY_SCRIPT, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "AzureMonitorTelemetry True"
     assert ingestion.total("worker.items", outcome="succeeded") == 3

@@ -8,6 +8,8 @@ import hashlib
 import math
 import os
 import secrets
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +33,6 @@ from azure.identity.aio import (
     CertificateCredential,
     ClientAssertionCredential,
     ClientSecretCredential,
-    DefaultAzureCredential,
     ManagedIdentityCredential,
     WorkloadIdentityCredential,
     get_bearer_token_provider,
@@ -45,6 +46,8 @@ from tests.stack.admin import AdminError
 from tests.stack.azurite import free_port
 from tests.stack.directory import AZURE_CLI_CLIENT_ID, FEDERATION_AUDIENCE, b64url, self_signed_certificate
 from tests.stack.openai_bodies import embedding_vector
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.stack
 
@@ -908,9 +911,25 @@ def test_worker_env(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
         stack.worker_env("kerberos")
 
 
+# The worker's own credential for its settings, in a process configured by nothing but the environment
+# (SSL_CERT_FILE must be set before aiohttp is imported, as it is for the worker itself).
+BUILD_CREDENTIAL = """
+import asyncio, os
+from worker.identity import STORAGE_SCOPE, build_credential
+from worker.settings import load_settings
+
+async def main() -> str:
+    async with build_credential(load_settings({}, os.environ)) as credential:
+        return (await credential.get_token(STORAGE_SCOPE)).token
+
+print(asyncio.run(main()))
+"""
+
+
 @pytest.mark.parametrize(
     ("mode", "app"),
     [
+        ("managed-identity", None),
         ("service-principal", "sp-secret"),
         ("service-principal-cert", "sp-cert"),
         ("workload-identity", "workload-identity"),
@@ -918,32 +937,17 @@ def test_worker_env(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
         ("api-key", None),
     ],
 )
-async def test_worker_env_modes_authenticate(
-    stack: LocalStack, monkeypatch: pytest.MonkeyPatch, mode: str, app: str | None
-) -> None:
-    """Each mode's variables alone configure the credential the worker builds for it."""
-    env = stack.worker_env(mode)
-    for name in os.environ:
-        if name.startswith(("AZURE_", "IDENTITY_", "MSI_", "GCE_METADATA_")):
-            monkeypatch.delenv(name)
-    for name, value in env.items():
-        if name.startswith(("AZURE_", "IDENTITY_")):
-            monkeypatch.setenv(name, value)
-    verify = {"connection_verify": str(stack.ca_file)}
-    credential: Any
-    if mode == "service-principal":
-        credential = ClientSecretCredential(
-            env["AZURE_TENANT_ID"], env["AZURE_CLIENT_ID"], env["AZURE_CLIENT_SECRET"], **verify
-        )
-    elif mode == "service-principal-cert":
-        credential = CertificateCredential(
-            env["AZURE_TENANT_ID"], env["AZURE_CLIENT_ID"], env["AZURE_CLIENT_CERTIFICATE_PATH"], **verify
-        )
-    elif mode == "workload-identity":
-        credential = WorkloadIdentityCredential(**verify)
-    else:
-        credential = DefaultAzureCredential(**verify)
-    async with credential:
-        token = await credential.get_token(STORAGE_SCOPE)
+def test_worker_env_modes_authenticate(stack: LocalStack, mode: str, app: str | None) -> None:
+    """Each mode's variables alone configure the credential `worker.identity.build_credential` builds."""
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_CREDENTIAL],
+        env=stack.worker_env(mode),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     expected_client = stack.app_ids[app]["client_id"] if app else stack.user_assigned_client_id
-    assert claims_of(token.token)["appid"] == expected_client
+    assert claims_of(done.stdout.strip())["appid"] == expected_client
