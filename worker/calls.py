@@ -129,24 +129,24 @@ def retry_delay(exc: BaseException, attempt: int) -> float:
     return backoff_seconds(attempt)
 
 
-def error_code(exc: openai.APIStatusError) -> str:
-    """The service's error code (`error.code`), else `http_<status>`."""
+def _error_field(exc: openai.APIStatusError, name: str) -> str | None:
+    """`error.<name>` of the service's answer (Azure nests it under `error`, a 401 does not)."""
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("code"):
-            return str(inner["code"])
-    return f"http_{exc.status_code}"
+        if isinstance(inner, dict) and inner.get(name):
+            return str(inner[name])
+    return None
+
+
+def error_code(exc: openai.APIStatusError) -> str:
+    """The service's error code (`error.code`), else `http_<status>`."""
+    return _error_field(exc, "code") or f"http_{exc.status_code}"
 
 
 def error_message(exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
-        body = exc.body
-        if isinstance(body, dict):
-            inner = body.get("error", body)
-            if isinstance(inner, dict) and inner.get("message"):
-                return str(inner["message"])
-        return f"HTTP {exc.status_code}"
+        return _error_field(exc, "message") or f"HTTP {exc.status_code}"
     if isinstance(exc, openai.APITimeoutError):
         return "the request timed out"
     if isinstance(exc, openai.APIConnectionError):
