@@ -19,6 +19,7 @@ import typer
 from worker import logs
 from worker.errors import ConfigError
 from worker.lifecycle import EXIT_CONFIG, run_job
+from worker.pipeline import Progress
 from worker.report import RunResult, RunStats
 from worker.settings import AUTH_MODES, OPTIONS, OPTIONS_BY_NAME, Settings, load_settings, shown_default
 
@@ -123,7 +124,7 @@ def run(
 
 
 async def _run_and_report(
-    settings: Settings, on_progress: Callable[[int], None] = lambda _n: None, *, json_lines: bool = True
+    settings: Settings, on_progress: Progress = lambda _done, _seen: None, *, json_lines: bool = True
 ) -> RunResult:
     """Run, then print the summary at once: before the event loop's shutdown waits for any thread."""
     result = await run_job(settings, on_progress=on_progress)
@@ -157,19 +158,26 @@ def doctor(
 
 
 def _run_with_progress(settings: Settings) -> RunResult:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    """A progress bar whose total grows as files are opened (the listing is streamed), with an ETA from
+    the rate items finish at (for a quota-bound job: the paced rate)."""
+    from rich import progress as bar
 
-    columns = (SpinnerColumn(), TextColumn("items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
+    columns = (
+        bar.SpinnerColumn(),
+        bar.TextColumn("items"),
+        bar.BarColumn(),
+        bar.MofNCompleteColumn(),
+        bar.TimeElapsedColumn(),
+        bar.TextColumn("ETA"),
+        bar.TimeRemainingColumn(),
+    )
+    with bar.Progress(*columns, transient=True) as progress:
         task = progress.add_task("items", total=None)
-        return asyncio.run(_run_and_report(settings, lambda n: progress.advance(task, n), json_lines=False))
+
+        def advance(done: int, seen: int) -> None:
+            progress.update(task, advance=done, total=max(seen, 1))
+
+        return asyncio.run(_run_and_report(settings, advance, json_lines=False))
 
 
 def _print_summary(result: RunResult, json_lines: bool) -> None:

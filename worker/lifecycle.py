@@ -13,7 +13,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from worker.azure_monitor import FLUSH_SECONDS, open_telemetry
 from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
-from worker.pipeline import Pipeline, PipelineLimits
+from worker.pipeline import Pipeline, PipelineLimits, Progress
 from worker.ratelimit import Budgets
 from worker.report import RunResult, RunStats, manifest
 from worker.services import Clients, open_clients
@@ -43,7 +43,7 @@ def new_run_id(settings: Settings) -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
-async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = lambda _n: None) -> RunResult:
+async def run_job(settings: Settings, *, on_progress: Progress = lambda _done, _seen: None) -> RunResult:
     """Run one job to an exit code. Never raises for configuration problems: they become exit 2.
 
     After a SIGTERM everything is bounded: the drain, then writing what finished, then (best effort)
@@ -74,9 +74,7 @@ async def run_job(settings: Settings, *, on_progress: Callable[[int], None] = la
     return result
 
 
-async def _run(
-    settings: Settings, result: RunResult, stopper: Stopper, on_progress: Callable[[int], None]
-) -> None:
+async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progress: Progress) -> None:
     settings.require("source", "sink", "endpoint")
     source_at = parse_location(settings.source or "", what="--source")
     sink_at = parse_location(settings.sink or "", what="--sink")
@@ -124,7 +122,7 @@ def _pipeline(
     stats: RunStats,
     source_at: Location,
     sink_at: Location,
-    on_progress: Callable[[int], None],
+    on_progress: Progress,
 ) -> Pipeline:
     caller = Caller(
         clients.openai,

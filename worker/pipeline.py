@@ -39,6 +39,8 @@ class PipelineLimits(InputLimits):
 
 
 Release = Callable[[], None]
+Progress = Callable[[int, int], None]
+"""Told (items newly finished, items seen so far) as results are written: the total grows as files open."""
 
 
 def _nothing() -> None:
@@ -143,7 +145,7 @@ class Pipeline:
         limits: PipelineLimits,
         stats: RunStats,
         exclude: Callable[[str], bool] = lambda _path: False,
-        on_progress: Callable[[int], None] = lambda _n: None,
+        on_progress: Progress = lambda _done, _seen: None,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -151,7 +153,7 @@ class Pipeline:
         self._limits = limits
         self._stats = stats
         self._exclude = exclude
-        self._on_progress = on_progress
+        self._on_progress: Callable[[int], None] = lambda done: on_progress(done, stats.total)
         self._slots = asyncio.Semaphore(limits.concurrency)
         self._busy = 0  # slots held: calls in flight and answers not yet written
         self._wanting = 0  # units waiting for a call slot
