@@ -83,6 +83,22 @@ class Circuit:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, wake_at - now))
 
+    def wait_estimate(self) -> float:
+        """Seconds until `admit` would let an attempt go (0: now): the next probe of an open circuit,
+        its give-up time while a probe is out; inf once it is down."""
+        if self.down is not None:
+            return math.inf
+        if not self._open:
+            return 0.0
+        now = self._now()
+        assert self._failing_since is not None
+        give_up_at = self._failing_since + self._outage_seconds
+        if now >= give_up_at:
+            return 0.0  # `admit` gives up at once
+        if self._probing:
+            return give_up_at - now
+        return max(0.0, self._probe_at - now)
+
     def answered(self, probe: bool, *, ok: bool) -> None:
         """The deployment answered (`ok`: with a success; else a 429 or a permanent error): it is up."""
         self.verified = self.verified or ok

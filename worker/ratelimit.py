@@ -586,9 +586,34 @@ class RateBudget:
         self.tokens.decrease(now, tokens_floor)
         self.requests.decrease(now, requests_floor)
 
+    # ---- for a router choosing among deployments (non-committing) ----------------------------------
+
+    def wait_estimate(self, tokens: int) -> float:
+        """Seconds a request of `tokens` would wait for its turn if it asked now; 0 when it would go at
+        once. Takes no place in the budget: the 429 pause, the pacing of both dimensions (`plan` only
+        ages the usage logs to a moment a request would reach anyway) and, when the window on requests in
+        flight is full, about one answer's latency."""
+        now = self.clock.now()
+        wait = max(0.0, self._paused_until - now)
+        start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
+        wait = max(wait, start - now)
+        if self._waiters or self.in_flight >= self.window_limit():
+            wait += self.latency if self.latency is not None else 1.0
+        return wait
+
+    def headroom(self) -> float:
+        """Tokens (else requests) left in the current window at today's pace; inf when unpaced."""
+        now = self.clock.now()
+        for dimension in (self.tokens, self.requests):
+            capacity = dimension._capacity(now)
+            if capacity is not None:
+                return capacity - dimension.recent_total - dimension._old_total
+        return math.inf
+
 
 class Budgets:
-    """One RateBudget per deployment, created on first use with the configured quota."""
+    """One RateBudget per deployment: a pool deployment's with its own quota (`configure`), any other
+    created on first use with the job's --tpm/--rpm."""
 
     def __init__(
         self,
@@ -607,6 +632,13 @@ class Budgets:
             budget = self._by_deployment[deployment] = RateBudget(
                 tpm=self._tpm, rpm=self._rpm, clock=self._clock, max_window=self._concurrency
             )
+        return budget
+
+    def configure(self, deployment: str, *, tpm: int | None, rpm: int | None) -> RateBudget:
+        """The budget of a deployment with its own quota (None: learned from the headers)."""
+        budget = self._by_deployment[deployment] = RateBudget(
+            tpm=tpm, rpm=rpm, clock=self._clock, max_window=self._concurrency
+        )
         return budget
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
