@@ -41,9 +41,10 @@ from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 
 from worker.errors import AccessDenied, ConfigError, Unfinished
 from worker.formats import Request
-from worker.health import Circuit, Health
+from worker.health import Circuit
 from worker.identity import OPENAI_SCOPE, SharedTokens, describe_principal
-from worker.ratelimit import Budgets, Permit, RateBudget, estimate_tokens
+from worker.pool import Deployment, Router
+from worker.ratelimit import Permit, estimate_tokens
 from worker.report import RunStats
 
 log = structlog.get_logger("worker.calls")
@@ -196,24 +197,21 @@ class InvalidResponse(Exception):
 
 
 class Caller:
-    """Makes the calls of a run through one AsyncAzureOpenAI client and one token cache."""
+    """Makes the calls of a run through the router's deployments (their clients, budgets and circuits)
+    and one token cache."""
 
     def __init__(
         self,
-        client: openai.AsyncAzureOpenAI,
+        router: Router,
         *,
         tokens: SharedTokens | None,
-        budgets: Budgets,
-        health: Health,
         stats: RunStats,
         default_deployment: str | None,
         max_attempts: int,
         request_timeout: float,
     ) -> None:
-        self._client = client
+        self._router = router
         self._tokens = tokens
-        self._budgets = budgets
-        self._health = health
         self._stats = stats
         self._default_deployment = default_deployment
         self._max_attempts = max_attempts
@@ -224,7 +222,7 @@ class Caller:
         return self._default_deployment
 
     def deployment_for(self, request: Request) -> tuple[str, bool]:
-        """The deployment to call and whether the input itself named it (`body.model`)."""
+        """The deployment (or alias) to call and whether the input itself named it (`body.model`)."""
         model = request.body.get("model")
         if isinstance(model, str) and model:
             return model, model != self._default_deployment
@@ -237,30 +235,34 @@ class Caller:
 
     async def call(self, request: Request) -> Outcome:
         """Call until success or a final answer. Raises ConfigError (exit 2) for a configuration problem,
-        Unfinished (no record; the next run retries) when retryable failures are left."""
-        deployment, named_by_input = self.deployment_for(request)
-        body = {**request.body, "model": deployment}
-        cost = estimate_tokens(body)
-        budget = self._budgets[deployment]
-        circuit = self._health[deployment]
+        Unfinished (no record; the next run retries) when retryable failures are left.
+
+        Each attempt goes to the deployment the router picks (worker.pool): with a pool, a 429 or a
+        deployment out for the run sends the next attempt to another deployment at once."""
+        target, named_by_input = self.deployment_for(request)
+        route = self._router.route(target)
+        cost = estimate_tokens(request.body)
         spent = reauths = throttles = 0
         while True:
-            probe = await circuit.admit()
-            outcome, failure = await self._attempt_once(request, body, cost, budget, circuit, probe)
+            deployment, probe = await self._router.choose(route, cost)
+            body = {**request.body, "model": deployment.name}
+            outcome, failure = await self._attempt_once(request, body, cost, deployment, probe)
             if failure is None:
                 assert outcome is not None
                 return outcome
             verdict = classify(failure)
             if verdict is Verdict.RETRY:
-                spent = await self._after_transient(failure, circuit, probe, spent)
+                deployment.counts.failed += 1
+                spent = await self._after_transient(failure, deployment.circuit, probe, spent)
                 continue
             assert isinstance(failure, openai.APIStatusError)
-            circuit.answered(probe, ok=False)
+            deployment.circuit.answered(probe, ok=False)
             if verdict is Verdict.THROTTLED:
                 throttles += 1
+                deployment.counts.throttled += 1
                 self._stats.throttled += 1
                 self._stats.retries += 1
-                self._throttled(failure, budget, circuit, throttles)
+                self._throttled(failure, deployment, throttles)
                 continue
             if verdict is Verdict.REAUTH:
                 reauths += 1
@@ -273,17 +275,17 @@ class Caller:
         request: Request,
         body: dict[str, Any],
         cost: int,
-        budget: RateBudget,
-        circuit: Circuit,
+        deployment: Deployment,
         probe: bool,
     ) -> tuple[Outcome | None, BaseException | None]:
-        """One attempt under the budget: (the outcome, None) for an answer worth recording, else
-        (None, the failure); the budget is told what the failure means."""
+        """One attempt under the deployment's budget: (the outcome, None) for an answer worth recording,
+        else (None, the failure); the budget is told what the failure means."""
+        circuit = deployment.circuit
         try:
-            async with budget.admit(cost) as permit:
+            async with deployment.budget.admit(cost) as permit:
                 self._stats.throttle_wait_seconds += permit.waited
                 try:
-                    outcome = await self._attempt(request.url, body, permit)
+                    outcome = await self._attempt(request.url, body, permit, deployment)
                 except (openai.APIStatusError, *TRANSIENT_ERRORS) as exc:
                     if classify(exc) is Verdict.THROTTLED:
                         permit.throttled(exc.response.headers)  # type: ignore[union-attr]
@@ -318,33 +320,45 @@ class Caller:
         await asyncio.sleep(retry_delay(failure, spent))
         return spent
 
-    @staticmethod
-    def _throttled(exc: openai.APIStatusError, budget: RateBudget, circuit: Circuit, throttles: int) -> None:
+    def _throttled(self, exc: openai.APIStatusError, deployment: Deployment, throttles: int) -> None:
+        """A 429: the deployment's budget pauses for the server's wait (the router then sends the next
+        attempt elsewhere, when the request reaches other deployments). A wait longer than the worker
+        waits (a quota used up for the day) takes the deployment out of this run."""
         wait = server_wait_seconds(exc.response.headers)
         if wait is not None and wait > MAX_SERVER_WAIT_SECONDS:
-            circuit.give_up(
+            deployment.circuit.give_up(
                 f"answered 429 asking to wait {wait:.0f} s, longer than the worker waits "
                 f"({MAX_SERVER_WAIT_SECONDS:.0f} s): its quota is used up (a daily or monthly limit?); "
                 "the next run resumes the items left"
             )
-            assert circuit.down is not None
-            raise circuit.down
-        budget.pause(wait if wait is not None else backoff_seconds(throttles))
+            return  # the router raises DeploymentDown when no other deployment is left
+        deployment.budget.pause(wait if wait is not None else backoff_seconds(throttles))
 
-    async def _attempt(self, url: str, body: dict[str, Any], permit: Permit) -> Outcome:
+    async def _attempt(
+        self, url: str, body: dict[str, Any], permit: Permit, deployment: Deployment
+    ) -> Outcome:
         self._stats.requests += 1
+        counts = deployment.counts
+        counts.calls += 1
         started = time.perf_counter()
-        response = await self._client.post(
+        response = await deployment.client.post(
             url, cast_to=httpx2.Response, body=body, options={"timeout": self._timeout}
         )
         self._stats.latency.add(time.perf_counter() - started)
+        counts.succeeded += 1
         try:
             permit.observe(response.headers)
             payload = _answer_object(response)
             usage = payload.get("usage")
             if isinstance(usage, dict):
-                self._stats.prompt_tokens += _count(usage.get("prompt_tokens"))
-                self._stats.completion_tokens += _count(usage.get("completion_tokens"))
+                prompt, completion = (
+                    _count(usage.get("prompt_tokens")),
+                    _count(usage.get("completion_tokens")),
+                )
+                self._stats.prompt_tokens += prompt
+                self._stats.completion_tokens += completion
+                counts.prompt_tokens += prompt
+                counts.completion_tokens += completion
         except Exception as exc:  # noqa: BLE001 - whatever the answer was, it was paid for: record it
             raise InvalidResponse(response, f"{type(exc).__name__}: {exc}") from None
         return Outcome(
@@ -383,7 +397,7 @@ class Caller:
         ) from None
 
     def _final(
-        self, exc: openai.APIStatusError, verdict: Verdict, deployment: str, named_by_input: bool
+        self, exc: openai.APIStatusError, verdict: Verdict, deployment: Deployment, named_by_input: bool
     ) -> Outcome:
         code = error_code(exc)
         if verdict is Verdict.FATAL:
@@ -392,36 +406,44 @@ class Caller:
                 "OpenAI User' role on the Azure OpenAI resource to the identity the worker runs as "
                 "(`worker doctor` names it)"
             ) from None
-        if verdict is Verdict.MISCONFIGURED and not self._health[deployment].verified:
+        if verdict is Verdict.MISCONFIGURED and not deployment.circuit.verified:
             problem = self._misconfiguration(exc, code, deployment, named_by_input)
             if problem is not None:
                 raise problem from None
         return Outcome(_service_response(exc), {"code": code, "message": error_message(exc)})
 
     def _misconfiguration(
-        self, exc: openai.APIStatusError, code: str, deployment: str, named_by_input: bool
+        self, exc: openai.APIStatusError, code: str, deployment: Deployment, named_by_input: bool
     ) -> ConfigError | None:
         """A 404/OperationNotSupported from a deployment that never answered: which setting to fix, or
         None when only the lines naming that deployment are wrong (the others work)."""
+        name = deployment.name
+        if deployment.configured:  # a deployment of the job's pool: its entry is wrong, whoever named it
+            at = deployment.endpoint or "AZURE_OPENAI_ENDPOINT"
+            return ConfigError(
+                f"the pool's deployment {name!r} at {at} answered {exc.status_code} {code} "
+                f"({error_message(exc)}): fix its [[deployments]] entry (`name` is the deployment's name at "
+                "`endpoint`, not the model name) or OPENAI_API_VERSION"
+            )
         if code == "DeploymentNotFound":
             if named_by_input:
                 return None
             return ConfigError(
-                f"the deployment {deployment!r} does not exist at AZURE_OPENAI_ENDPOINT: set --deployment / "
+                f"the deployment {name!r} does not exist at AZURE_OPENAI_ENDPOINT: set --deployment / "
                 "AZURE_OPENAI_DEPLOYMENT to a deployment name (not a model name) of that resource"
             )
         if code == "OperationNotSupported":
             if named_by_input:
                 return None
             return ConfigError(
-                f"the deployment {deployment!r} does not support this operation ({error_message(exc)}): "
+                f"the deployment {name!r} does not support this operation ({error_message(exc)}): "
                 "point --deployment / AZURE_OPENAI_DEPLOYMENT at a chat deployment (or an embeddings "
                 "deployment for /embeddings lines)"
             )
-        if named_by_input and self._health.any_verified:
+        if named_by_input and self._router.any_verified:
             return None
         return ConfigError(
-            f"Azure OpenAI answered {exc.status_code} {error_message(exc)!r} for deployment {deployment!r}: "
+            f"Azure OpenAI answered {exc.status_code} {error_message(exc)!r} for deployment {name!r}: "
             "check OPENAI_API_VERSION / --api-version (a retired or mistyped version) and "
             "AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com, with no path)"
         )

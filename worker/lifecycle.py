@@ -24,6 +24,7 @@ from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
 from worker.pipeline import Pipeline, PipelineLimits, Progress
+from worker.pool import Router
 from worker.ratelimit import Budgets
 from worker.report import RunResult, RunStats, manifest
 from worker.services import Clients, open_clients
@@ -74,8 +75,23 @@ async def run_job(settings: Settings, *, on_progress: Progress = lambda _done, _
     return result
 
 
+def check_pool(settings: Settings) -> None:
+    """What a pool needs besides its entries: AZURE_OPENAI_ENDPOINT unless every deployment names its
+    endpoint; with --auth api-key, the one endpoint the key belongs to."""
+    pool = settings.deployments
+    if not pool or any(entry.endpoint is None for entry in pool):
+        settings.require("endpoint")
+    if settings.auth == "api-key" and any(entry.endpoint not in (None, settings.endpoint) for entry in pool):
+        raise ConfigError(
+            "--auth api-key has one key (AZURE_OPENAI_API_KEY) for AZURE_OPENAI_ENDPOINT, but the pool has "
+            "deployments at other endpoints: use Entra ID (--auth auto, managed-identity, ...), whose one "
+            "credential serves every endpoint"
+        )
+
+
 async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progress: Progress) -> None:
-    settings.require("source", "sink", "endpoint")
+    settings.require("source", "sink")
+    check_pool(settings)
     source_at = parse_location(settings.source or "", what="--source")
     sink_at = parse_location(settings.sink or "", what="--sink")
     async with open_clients(settings) as clients:
@@ -83,9 +99,8 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
         await stopper.startup(sink.prepare())
         budgets = Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency)
         health = Health(outage_seconds=settings.outage_seconds)
-        pipeline = _pipeline(
-            settings, clients, sink, budgets, health, result.stats, source_at, sink_at, on_progress
-        )
+        router = Router(settings.deployments, client_for=clients.openai_for, budgets=budgets, health=health)
+        pipeline = _pipeline(settings, clients, sink, router, result.stats, source_at, sink_at, on_progress)
         log.info(
             "run.started",
             run_id=result.run_id,
@@ -93,6 +108,7 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
             sink=str(sink_at),
             auth=settings.auth,
             concurrency=settings.concurrency,
+            **({"deployments": [d.label for d in router.deployments]} if router.pooled else {}),
         )
         try:
             await stopper.run(pipeline)
@@ -104,6 +120,7 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
             result.exit_code = EXIT_WORK_REMAINS
         await stopper.cleanup(pipeline.release_claimed_units(), "unit.release_failed")
         result.rate_limits = budgets.snapshot()
+        result.deployments = router.report()
         if result.rate_limits:
             log.info("run.rate_limits", deployments=result.rate_limits)
         result.ended = time.time()
@@ -117,18 +134,15 @@ def _pipeline(
     settings: Settings,
     clients: Clients,
     sink: Sink,
-    budgets: Budgets,
-    health: Health,
+    router: Router,
     stats: RunStats,
     source_at: Location,
     sink_at: Location,
     on_progress: Progress,
 ) -> Pipeline:
     caller = Caller(
-        clients.openai,
+        router,
         tokens=clients.tokens if clients.uses_entra_for_openai else None,
-        budgets=budgets,
-        health=health,
         stats=stats,
         default_deployment=settings.deployment,
         max_attempts=settings.max_attempts,

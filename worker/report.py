@@ -137,6 +137,8 @@ class RunResult:
     manifest: str | None = None
     """Where the manifest was written."""
     rate_limits: dict[str, Any] = field(default_factory=dict)
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per deployment (worker.pool.Deployment.report): calls, 429s, tokens, limits, where it is."""
     started: float = field(default_factory=time.time)
     ended: float | None = None
 
@@ -148,8 +150,22 @@ class RunResult:
             "exit_code": self.exit_code,
             "duration_s": round((self.ended or time.time()) - self.started, 3),
             "manifest": self.manifest,
+            **({"deployments": summary_deployments(self.deployments)} if self.deployments else {}),
             **({"error": self.error} if self.error else {}),
         }
+
+
+SUMMARY_DEPLOYMENT_FIELDS = ("calls", "throttled", "prompt_tokens", "completion_tokens", "tpm", "rpm")
+"""What the summary line shows per deployment (the manifest has every field)."""
+
+
+def summary_deployments(deployments: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per deployment: calls, 429s, tokens and the limits configured or learned (None: not known)."""
+    return {
+        label: {name: report[name] for name in SUMMARY_DEPLOYMENT_FIELDS}
+        | ({"down": True} if report.get("down") else {})
+        for label, report in deployments.items()
+    }
 
 
 def estimated_cost(stats: RunStats, settings: Settings) -> float | None:
@@ -191,6 +207,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
         },
         "errors_by_code": dict(stats.errors_by_code),
         "rate_limits": result.rate_limits,
+        "deployments": result.deployments,
         "input_problems": stats.problems,
         "input_problems_not_listed": stats.problems_dropped,
     }

@@ -1,7 +1,8 @@
 """Every client of a run, opened once in one AsyncExitStack and closed in reverse order.
 
 One SSL context (honouring SSL_CERT_FILE), one aiohttp session for Blob Storage, one credential behind one
-`SharedTokens` cache for both Blob Storage and Azure OpenAI, one `AsyncAzureOpenAI` on aiohttp.
+`SharedTokens` cache for both Blob Storage and Azure OpenAI, one `AsyncAzureOpenAI` on aiohttp per Azure
+OpenAI endpoint (a pool's deployments may be in several regions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import openai
 import structlog
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
+from openai import AsyncAzureOpenAI
 
 from worker.errors import ConfigError
 from worker.identity import OPENAI_SCOPE, SharedTokens, build_credential
@@ -58,7 +60,7 @@ class Clients:
     """The clients of one process, created on first use and closed together.
 
     One SSL context, one aiohttp session for Blob Storage, one `SharedTokens` over one credential,
-    one BlobServiceClient per storage account, one AsyncAzureOpenAI.
+    one BlobServiceClient per storage account, one AsyncAzureOpenAI per Azure OpenAI endpoint.
     """
 
     def __init__(self, settings: Settings, stack: contextlib.AsyncExitStack) -> None:
@@ -68,7 +70,7 @@ class Clients:
         self._tokens: SharedTokens | None = None
         self._session: aiohttp.ClientSession | None = None
         self._blob_services: dict[str, BlobServiceClient] = {}
-        self._openai: openai.AsyncAzureOpenAI | None = None
+        self._openai: dict[str, AsyncAzureOpenAI] = {}
 
     @property
     def tokens(self) -> SharedTokens:
@@ -118,11 +120,20 @@ class Clients:
 
     @property
     def openai(self) -> openai.AsyncAzureOpenAI:
-        if self._openai is None:
+        """The client of AZURE_OPENAI_ENDPOINT."""
+        return self.openai_for(None)
+
+    def openai_for(self, endpoint: str | None) -> AsyncAzureOpenAI:
+        """One AsyncAzureOpenAI per endpoint (None: AZURE_OPENAI_ENDPOINT), all on the one token cache."""
+        endpoint = endpoint or self._settings.endpoint
+        client = self._openai.get(endpoint or "")
+        if client is None:
             tokens = self.tokens if self.uses_entra_for_openai else None
-            self._openai = openai_client(self._settings, tokens, self._context)
-            self._stack.push_async_callback(self._openai.close)
-        return self._openai
+            client = self._openai[endpoint or ""] = openai_client(
+                self._settings, tokens, self._context, endpoint
+            )
+            self._stack.push_async_callback(client.close)
+        return client
 
 
 @contextlib.asynccontextmanager
@@ -134,10 +145,12 @@ async def open_clients(settings: Settings) -> AsyncIterator[Clients]:
 
 
 def openai_client(
-    settings: Settings, tokens: SharedTokens | None, context: ssl.SSLContext
+    settings: Settings, tokens: SharedTokens | None, context: ssl.SSLContext, endpoint: str | None = None
 ) -> openai.AsyncAzureOpenAI:
-    """AsyncAzureOpenAI on aiohttp, SDK retries off (the worker retries), keyed or keyless."""
-    if settings.endpoint is None:
+    """AsyncAzureOpenAI on aiohttp for `endpoint` (default AZURE_OPENAI_ENDPOINT), SDK retries off (the
+    worker retries), keyed or keyless."""
+    endpoint = endpoint or settings.endpoint
+    if endpoint is None:
         raise ConfigError("missing setting: AZURE_OPENAI_ENDPOINT (https://RESOURCE.openai.azure.com)")
     limits = httpx2.Limits(
         max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency + 8
@@ -147,7 +160,7 @@ def openai_client(
         if settings.api_key is None:
             raise ConfigError("--auth api-key needs AZURE_OPENAI_API_KEY in the environment")
         return openai.AsyncAzureOpenAI(
-            azure_endpoint=settings.endpoint,
+            azure_endpoint=endpoint,
             api_version=settings.api_version,
             api_key=settings.api_key.get_secret_value(),
             max_retries=0,
@@ -156,7 +169,7 @@ def openai_client(
         )
     assert tokens is not None
     return openai.AsyncAzureOpenAI(
-        azure_endpoint=settings.endpoint,
+        azure_endpoint=endpoint,
         api_version=settings.api_version,
         azure_ad_token_provider=tokens.provider(OPENAI_SCOPE),
         max_retries=0,

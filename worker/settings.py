@@ -16,11 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticUndefined
 
 from worker.errors import ConfigError
 from worker.formats import parameters_problem
+from worker.pool import DeploymentConfig, deployments_from_env, parse_deployments
 
 AuthMode = Literal[
     "auto",
@@ -70,6 +79,13 @@ OPTIONS: tuple[Option, ...] = (
         env=("AZURE_OPENAI_DEPLOYMENT", "AZURE_OPENAI_CHAT_DEPLOYMENT"),
         job_key="deployment",
         help="Azure OpenAI deployment for requests whose body names no `model`.",
+    ),
+    Option(
+        name="deployments",
+        flag=None,
+        env=("AZURE_OPENAI_DEPLOYMENTS",),
+        job_key="deployments",
+        help="A pool of deployments: in a job file `[[deployments]]` entries (name, endpoint, serves, priority, tpm, rpm; see README, Many deployments); in the environment `a,b,c`, deployments on AZURE_OPENAI_ENDPOINT in priority order, serving --deployment (else the first name).",
     ),
     Option(
         name="auth",
@@ -303,6 +319,7 @@ class Settings(BaseModel):
     source: str | None = None
     sink: str | None = None
     deployment: str | None = None
+    deployments: tuple[DeploymentConfig, ...] = ()
     auth: AuthMode = "auto"
     concurrency: int = Field(default=32, ge=1, le=4096)
     request_timeout: float = Field(default=120.0, gt=0)
@@ -338,6 +355,21 @@ class Settings(BaseModel):
     applicationinsights_connection_string: SecretStr | None = None
     otel_service_name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pool(cls, data: Any) -> Any:
+        """AZURE_OPENAI_DEPLOYMENTS=a,b,c serves --deployment, else the first name; with a pool and no
+        --deployment, requests that name no model target what the first deployment serves."""
+        if not isinstance(data, dict):
+            return data
+        entries = data.get("deployments")
+        if isinstance(entries, str):
+            entries = deployments_from_env(entries, data.get("deployment") or None)
+            data = {**data, "deployments": entries}
+        if entries and not data.get("deployment") and isinstance(entries[0], DeploymentConfig):
+            data = {**data, "deployment": entries[0].serves}
+        return data
+
     @field_validator("drain_seconds")
     @classmethod
     def _drain_fits_the_stop_deadline(cls, value: float) -> float:
@@ -360,7 +392,7 @@ class Settings(BaseModel):
 def shown_default(name: str) -> str | None:
     """A setting's default as the help text and the README show it (`120`, not `120.0`); None if it has none."""
     default = Settings.model_fields[name].default
-    if default is None or default is PydanticUndefined:
+    if default is None or default is PydanticUndefined or default == ():
         return None
     return f"{default:g}" if isinstance(default, float) else str(default)
 
@@ -386,7 +418,9 @@ def load_job_file(path: Path) -> dict[str, Any]:
     by_key = {option.job_key: option.name for option in OPTIONS if option.job_key}
     values: dict[str, Any] = {}
     for section, content in document.items():
-        if section == "parameters":
+        if section == "deployments":
+            values["deployments"] = parse_deployments(content, f"job file {path}")
+        elif section == "parameters":
             if not isinstance(content, dict):
                 raise ConfigError(f"job file {path}: [parameters] must be a table of request parameters")
             problem = parameters_problem(content)
