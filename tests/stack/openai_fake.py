@@ -76,6 +76,12 @@ class OpenAIConfig:
     """x-ratelimit-remaining-tokens and -requests of a forced 429 (0: the window is full)."""
     rate_headers: bool = True
     """Send x-ratelimit-* headers; False answers as behind a gateway that strips them."""
+    deployment_limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per deployment {"tpm": ..., "rpm": ...}: its own quota instead of `tpm`/`rpm` (a key left out: unlimited)."""
+    outage_deployments: list[str] = field(default_factory=list)
+    """These deployments answer every request with 503 (an outage of one deployment, as in one region)."""
+    throttle_deployments: list[str] = field(default_factory=list)
+    """These deployments answer every request with 429 and `force_429_retry_after_ms`."""
 
 
 @dataclass
@@ -98,6 +104,13 @@ class OpenAIStats:
     last_request_at: float | None = None
     tokens_by_second: Counter[int] = field(default_factory=Counter)
     answered: set[str] = field(default_factory=set)
+    by_host: Counter[str] = field(default_factory=Counter)
+    """API requests by the host they were sent to (the Host header without its port): a second
+    "endpoint" is this fake reached under another name (localhost vs 127.0.0.1)."""
+    by_deployment_status: Counter[str] = field(default_factory=Counter)
+    """"<deployment> <status>" -> answers."""
+    first_by_deployment_status: dict[str, int] = field(default_factory=dict)
+    """"<deployment> <status>" -> the sequence number (1-based, over all API requests) of the first such answer."""
 
     def as_json(self) -> dict[str, Any]:
         """Stats as JSON; times are Unix epoch seconds, tokens_by_second maps epoch second -> tokens."""
@@ -117,6 +130,9 @@ class OpenAIStats:
             "first_request_at": self.first_request_at,
             "last_request_at": self.last_request_at,
             "tokens_by_second": {str(second): n for second, n in sorted(self.tokens_by_second.items())},
+            "by_host": dict(self.by_host),
+            "by_deployment_status": dict(self.by_deployment_status),
+            "first_by_deployment_status": dict(self.first_by_deployment_status),
         }
 
 
@@ -184,6 +200,8 @@ class FakeAzureOpenAI:
         if stats.first_request_at is None:
             stats.first_request_at = now
         stats.by_operation[operation] += 1
+        sequence = stats.requests
+        stats.by_host[(request.host or "").rsplit(":", 1)[0]] += 1
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
@@ -193,6 +211,11 @@ class FakeAzureOpenAI:
         finally:
             stats.in_flight -= 1
         stats.by_status[str(response.status)] += 1
+        deployment = request.match_info.get("deployment")
+        if deployment is not None:
+            key = f"{deployment} {response.status}"
+            stats.by_deployment_status[key] += 1
+            stats.first_by_deployment_status.setdefault(key, sequence)
         return response
 
     async def _answer(self, request: web.Request, operation: str) -> web.Response:
@@ -209,6 +232,8 @@ class FakeAzureOpenAI:
         if deployment not in config.deployments:
             raise _Reply(404, bodies.DEPLOYMENT_NOT_FOUND)
         self.stats.by_deployment[deployment] += 1
+        if deployment in config.outage_deployments:
+            raise _Reply(503, bodies.SERVICE_UNAVAILABLE_503)
         self._authenticate(request)
         try:
             body = json.loads(await request.read())
@@ -317,8 +342,9 @@ class FakeAzureOpenAI:
 
     def _admit(self, deployment: str, operation: str, api_version: str, cost: int) -> Decision:
         config = self.config
-        if config.force_429 > 0:
-            config.force_429 -= 1
+        if config.force_429 > 0 or deployment in config.throttle_deployments:
+            if deployment not in config.throttle_deployments:
+                config.force_429 -= 1
             retry_after_ms = config.force_429_retry_after_ms
             remaining = config.force_429_remaining
             decision = Decision(False, remaining, remaining, retry_after_ms, "tokens")
@@ -326,7 +352,11 @@ class FakeAzureOpenAI:
             limiter = self._limiters.get(deployment)
             if limiter is None:
                 limiter = self._limiters[deployment] = SlidingWindowLimiter()
-            decision = limiter.acquire(cost, rpm=config.rpm, tpm=config.tpm, now=time.monotonic())
+            rpm, tpm = config.rpm, config.tpm
+            if deployment in config.deployment_limits:
+                rpm = config.deployment_limits[deployment].get("rpm")
+                tpm = config.deployment_limits[deployment].get("tpm")
+            decision = limiter.acquire(cost, rpm=rpm, tpm=tpm, now=time.monotonic())
             if decision.admitted:
                 return decision
         self.stats.throttled += 1

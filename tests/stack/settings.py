@@ -40,6 +40,11 @@ def _conforms(value: object, expected: Any) -> bool:
     if origin is list:
         (item_type,) = typing.get_args(expected)
         return isinstance(value, list) and all(_conforms(item, item_type) for item in value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(expected)
+        return isinstance(value, dict) and all(
+            _conforms(key, key_type) and _conforms(item, value_type) for key, item in value.items()
+        )
     if expected is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if expected is int:
