@@ -7,7 +7,7 @@ Checks, in order (each later check needs the earlier ones):
 4. tokens        — one token per scope (storage, Azure OpenAI)
 5. source        — list (read) access
 6. sink          — write and delete a probe
-7. deployment    — one minimal call, with the quota headers it returned
+7. deployment    — one minimal call, with the quota headers it returned (each deployment of a pool)
 Exit 0 when every check passes, 2 otherwise.
 """
 
@@ -35,8 +35,9 @@ from worker.identity import (
     describe_principal,
     token_claims,
 )
+from worker.pool import labels
 from worker.services import Clients, ignored_variables, open_clients
-from worker.settings import Settings, describe
+from worker.settings import Settings, check_pool, describe
 from worker.storage.urls import BlobLocation, Location, parse_location
 
 OPENAI_ROLE = "Cognitive Services OpenAI User"
@@ -127,9 +128,9 @@ async def diagnose(settings: Settings) -> Report:
                 await _guard(report, "source read", _check_source(clients, locations["source"], report))
             if "sink" in locations:
                 await _guard(report, "sink write", _check_sink(clients, locations["sink"], principal, report))
-            if settings.endpoint and settings.deployment:
+            for check, name, endpoint in _deployments_to_call(settings):
                 await _guard(
-                    report, "deployment call", _check_deployment(settings, clients, principal, report)
+                    report, check, _check_deployment(clients, principal, report, check, name, endpoint)
                 )
     except (ConfigError, TokenEndpointUnavailable) as error:
         report.add(
@@ -156,12 +157,40 @@ async def _guard(report: Report, name: str, check: Awaitable[None]) -> None:
         )
 
 
+def _deployments_to_call(settings: Settings) -> list[tuple[str, str, str | None]]:
+    """(check name, deployment name, endpoint) of each deployment to call: every one of the pool, else
+    --deployment; none whose endpoint is unknown."""
+    pool = settings.deployments
+    if pool:
+        return [
+            (f"deployment {label}", entry.name, entry.endpoint)
+            for label, entry in zip(labels(pool), pool, strict=True)
+            if entry.endpoint or settings.endpoint
+        ]
+    if settings.endpoint and settings.deployment:
+        return [("deployment call", settings.deployment, None)]
+    return []
+
+
 def _check_settings(settings: Settings, report: Report) -> dict[str, Location]:
     locations: dict[str, Location] = {}
+    pool = settings.deployments
+    if pool:
+        entries = [
+            f"{entry.name} (priority {entry.priority}, serves {entry.serves}"
+            f"{', at ' + entry.endpoint if entry.endpoint else ''})"
+            for entry in pool
+        ]
+        report.add("setting deployments", True, "; ".join(entries))
+        try:
+            check_pool(settings)
+        except ConfigError as error:
+            report.add("setting deployments", False, str(error))
+    every_endpoint_named = bool(pool) and all(entry.endpoint for entry in pool)
     for name in ("endpoint", "deployment", "source", "sink"):
         value = getattr(settings, name)
         if not value:
-            needed = name in ("endpoint", "deployment")
+            needed = name == "deployment" or (name == "endpoint" and not every_endpoint_named)
             report.add(f"setting {name}", not needed, "not set", f"set {describe(name)}" if needed else None)
             continue
         if name in ("source", "sink"):
@@ -183,7 +212,8 @@ def _check_settings(settings: Settings, report: Report) -> dict[str, Location]:
 
 
 async def _check_dns(settings: Settings, locations: dict[str, Location], report: Report) -> None:
-    hosts = {urlsplit(settings.endpoint).hostname} if settings.endpoint else set()
+    endpoints = [settings.endpoint, *(entry.endpoint for entry in settings.deployments)]
+    hosts = {urlsplit(endpoint).hostname for endpoint in endpoints if endpoint}
     hosts |= {
         urlsplit(loc.account_url).hostname for loc in locations.values() if isinstance(loc, BlobLocation)
     }
@@ -250,41 +280,42 @@ async def _check_sink(clients: Clients, location: Location, principal: str, repo
     report.add("sink write", True, f"{location}: a probe was written and deleted")
 
 
-async def _check_deployment(settings: Settings, clients: Clients, principal: str, report: Report) -> None:
+async def _check_deployment(
+    clients: Clients, principal: str, report: Report, check: str, name: str, endpoint: str | None
+) -> None:
+    """One minimal call to deployment `name` at `endpoint` (None: AZURE_OPENAI_ENDPOINT)."""
     started = time.perf_counter()
-    body = {"model": settings.deployment, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    body = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    where = "AZURE_OPENAI_ENDPOINT" if endpoint is None else f"the entry's endpoint ({endpoint})"
     try:
-        response = await clients.openai.post("/chat/completions", cast_to=httpx2.Response, body=body)
+        response = await clients.openai_for(endpoint).post(
+            "/chat/completions", cast_to=httpx2.Response, body=body
+        )
     except openai.APIStatusError as exc:
         code = error_code(exc)
         fix = {
-            401: f"the token was rejected: check AZURE_OPENAI_ENDPOINT is the resource {principal} belongs with",
-            403: f"assign '{OPENAI_ROLE}' on the Azure OpenAI resource to {principal}",
-            404: "set AZURE_OPENAI_DEPLOYMENT to a deployment name of this resource (not the model name)",
+            401: f"the token was rejected: check {where} is the resource {principal} belongs with",
+            403: f"assign '{OPENAI_ROLE}' on the Azure OpenAI resource at {where} to {principal}",
+            404: (
+                "set AZURE_OPENAI_DEPLOYMENT to a deployment name of this resource (not the model name)"
+                if check == "deployment call"
+                else f"set the [[deployments]] entry's name to a deployment name at {where} (not the model name)"
+            ),
             429: "the deployment is at its quota right now; that is not a configuration error",
         }.get(exc.status_code)
-        report.add(
-            "deployment call",
-            exc.status_code == 429,
-            f"{settings.deployment}: {code}: {error_message(exc)}",
-            fix,
-        )
+        report.add(check, exc.status_code == 429, f"{name}: {code}: {error_message(exc)}", fix)
         return
     except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-        report.add(
-            "deployment call", False, error_message(exc), "check AZURE_OPENAI_ENDPOINT and the network path"
-        )
+        report.add(check, False, error_message(exc), f"check {where} and the network path")
         return
     took = (time.perf_counter() - started) * 1000
     quota = ", ".join(
-        f"{name.removeprefix('x-ratelimit-')}={response.headers[name]}"
-        for name in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
-        if name in response.headers
+        f"{header.removeprefix('x-ratelimit-')}={response.headers[header]}"
+        for header in ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
+        if header in response.headers
     )
     report.add(
-        "deployment call",
-        True,
-        f"{settings.deployment}: HTTP {response.status_code} in {took:.0f} ms{'; ' + quota if quota else ''}",
+        check, True, f"{name}: HTTP {response.status_code} in {took:.0f} ms{'; ' + quota if quota else ''}"
     )
 
 

@@ -28,7 +28,7 @@ from worker.pool import Router
 from worker.ratelimit import Budgets
 from worker.report import RunResult, RunStats, manifest
 from worker.services import Clients, open_clients
-from worker.settings import Settings
+from worker.settings import Settings, check_pool
 from worker.storage import Sink
 from worker.storage.urls import Location, overlap_filter, parse_location
 
@@ -73,20 +73,6 @@ async def run_job(settings: Settings, *, on_progress: Progress = lambda _done, _
         log.error("run.config_error", error=result.error)
     result.ended = time.time()
     return result
-
-
-def check_pool(settings: Settings) -> None:
-    """What a pool needs besides its entries: AZURE_OPENAI_ENDPOINT unless every deployment names its
-    endpoint; with --auth api-key, the one endpoint the key belongs to."""
-    pool = settings.deployments
-    if not pool or any(entry.endpoint is None for entry in pool):
-        settings.require("endpoint")
-    if settings.auth == "api-key" and any(entry.endpoint not in (None, settings.endpoint) for entry in pool):
-        raise ConfigError(
-            "--auth api-key has one key (AZURE_OPENAI_API_KEY) for AZURE_OPENAI_ENDPOINT, but the pool has "
-            "deployments at other endpoints: use Entra ID (--auth auto, managed-identity, ...), whose one "
-            "credential serves every endpoint"
-        )
 
 
 async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progress: Progress) -> None:

@@ -477,3 +477,17 @@ def load_settings(
             where = describe(name) if name in OPTIONS_BY_NAME else name
             problems.append(f"{where}: {error['msg']}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None
+
+
+def check_pool(settings: Settings) -> None:
+    """What a pool needs besides its entries: AZURE_OPENAI_ENDPOINT unless every deployment names its
+    endpoint; with --auth api-key, the one endpoint the key belongs to."""
+    pool = settings.deployments
+    if not pool or any(entry.endpoint is None for entry in pool):
+        settings.require("endpoint")
+    if settings.auth == "api-key" and any(entry.endpoint not in (None, settings.endpoint) for entry in pool):
+        raise ConfigError(
+            "--auth api-key has one key (AZURE_OPENAI_API_KEY) for AZURE_OPENAI_ENDPOINT, but the pool has "
+            "deployments at other endpoints: use Entra ID (--auth auto, managed-identity, ...), whose one "
+            "credential serves every endpoint"
+        )

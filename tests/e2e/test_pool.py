@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.helpers import manifest, new_container, results, run_worker, upload
+from tests.e2e.test_doctor import doctor
 from tests.e2e.test_outcomes import blob_args, events_named
 from tests.e2e.test_resilience import assert_exactly_once, batch_files
 from tests.stack import LocalStack
@@ -278,3 +279,26 @@ def test_a_body_naming_one_deployment_of_the_pool_reaches_just_that_one(
     assert run.code == 0, run.stdout[-3000:]
     assert served(stack, "paygo") == 8
     assert served(stack, "ptu") == 0
+
+
+def test_doctor_checks_every_deployment_of_the_pool(stack: LocalStack, tmp_path: Path) -> None:
+    port = stack.openai_endpoint.rsplit(":", 1)[1]
+    stack.openai.configure(deployments=["ptu", "paygo"])
+    job = pool_job(
+        tmp_path,
+        {"name": "ptu", "serves": ALIAS},
+        {"name": "paygo", "serves": ALIAS, "priority": 1, "endpoint": f"https://localhost:{port}"},
+        {"name": "payg-typo", "serves": ALIAS, "priority": 2},
+    )
+
+    done = doctor(stack, "--job", job, "--json", env=NO_DEPLOYMENT)
+
+    assert done.returncode == 2, done.stdout
+    checks = {check["check"]: check for check in json.loads(done.stdout)["checks"]}
+    assert checks["deployment ptu"]["ok"] and "HTTP 200" in checks["deployment ptu"]["detail"]
+    assert checks["deployment paygo"]["ok"]
+    assert not checks["deployment payg-typo"]["ok"]
+    assert "DeploymentNotFound" in checks["deployment payg-typo"]["detail"]
+    assert "[[deployments]] entry's name" in checks["deployment payg-typo"]["fix"]
+    assert checks["dns localhost"]["ok"]
+    assert "paygo (priority 1, serves pool, at https://localhost:" in checks["setting deployments"]["detail"]

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 
 from worker.errors import ConfigError
-from worker.lifecycle import check_pool
 from worker.pool import DeploymentConfig, endpoint_problem, labels
-from worker.settings import load_settings
+from worker.settings import check_pool, load_settings
 
 POOL = """
 deployment = "pool"
