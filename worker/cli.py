@@ -189,10 +189,23 @@ def _print_summary(result: RunResult, json_lines: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"run {result.run_id}", show_header=False)
+    deployments = summary.pop("deployments", {})
     for key, value in summary.items():
         if value not in (None, {}, 0) or key in ("total", "succeeded", "failed", "skipped", "exit_code"):
             table.add_row(key, str(value))
+    for label, counts in deployments.items():
+        table.add_row(f"deployment {label}", _deployment_line(counts))
     Console().print(table)
+
+
+def _deployment_line(counts: dict[str, Any]) -> str:
+    """`120 calls, 3 × 429, 51,200 + 9,800 tokens, tpm 30000, rpm —` (limits configured or learned)."""
+    line = (
+        f"{counts['calls']} calls, {counts['throttled']} × 429, "
+        f"{counts['prompt_tokens']:,} + {counts['completion_tokens']:,} tokens, "
+        f"tpm {counts['tpm'] or '—'}, rpm {counts['rpm'] or '—'}"
+    )
+    return line + (", down" if counts.get("down") else "")
 
 
 def main() -> None:

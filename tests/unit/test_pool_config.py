@@ -151,3 +151,26 @@ def test_api_key_mode_cannot_reach_other_endpoints(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="use Entra ID"):
         check_pool(settings)
+
+
+def test_the_console_summary_has_a_line_per_deployment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    from worker.cli import _print_summary
+    from worker.report import RunResult, RunStats
+
+    report = {"calls": 120, "throttled": 3, "prompt_tokens": 51200, "completion_tokens": 9800, "tpm": 30000}
+    result = RunResult(
+        run_id="r",
+        exit_code=0,
+        stats=RunStats(),
+        deployments={
+            "ptu": {**report, "rpm": None, "down": None},
+            "paygo": {**report, "rpm": 180, "down": "x"},
+        },
+    )
+    _print_summary(result, json_lines=False)
+    out = capsys.readouterr().out
+    assert "120 calls, 3 × 429, 51,200 + 9,800 tokens, tpm 30000, rpm —" in out
+    assert "rpm 180, down" in out
