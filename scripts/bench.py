@@ -22,10 +22,16 @@ environment of `stack.worker_env()`. Phases:
    wrapper process with resource.getrusage(RUSAGE_CHILDREN). 100,000 vs 1,000,000, the README's rss_ratio
    (~18 of the ~22 minutes); BENCH_QUICK=1 runs 20,000 vs 200,000 instead.
 
+4. Pool (`pool2`, issue 12): two deployments of POOL2_TPM tokens a minute each (the fake's per-deployment
+   quotas, the same latency as phase 2) as one pool (`AZURE_OPENAI_DEPLOYMENTS=pool2-a,pool2-b`: priority
+   in that order, limits learned from headers), N_POOL2 prompts. The served rate of the pool (both
+   deployments, over the busy window) ÷ 2 × POOL2_TPM, the 429 ratio and each deployment's share.
+
 The machine has two cores: the fake server and the worker compete for them, so absolute rates are lower
 than on a real deployment; the ratios are what the bench is for. The last stdout line is one JSON object.
 
-Knobs: BENCH_QUICK=1, BENCH_REPS (2), BENCH_CONCURRENCY (32), BENCH_QUOTA_SECONDS (80), BENCH_SCALE (1;
+Knobs: BENCH_CASES (overhead,quota,memory,pool2: a comma-separated subset runs only those; the first three
+come as one), BENCH_QUICK=1, BENCH_REPS (2), BENCH_CONCURRENCY (32), BENCH_QUOTA_SECONDS (80), BENCH_SCALE (1;
 e.g. 0.05 for a smoke run), BENCH_WORKER_PATH (a directory put first on the worker's PYTHONPATH: bench
 another build of the `worker` package).
 """
@@ -54,6 +60,10 @@ OPENAI_SCOPE = "https://cognitiveservices.azure.com/.default"
 QUOTA_TPM = 60_000
 QUOTA_RPM = 6_000
 QUOTA_LATENCY = {"latency_ms": 300.0, "latency_per_token_ms": 2.0, "jitter_ms": 200.0}
+POOL2_TPM = 30_000  # each of the pool's two deployments
+POOL2_DEPLOYMENTS = ("pool2-a", "pool2-b")
+N_POOL2 = 800
+CORE_CASES = ("overhead", "quota", "memory")
 RAMP_SECONDS = 10  # left out at the start of the busy window
 TAIL_SECONDS = 3  # left out at its end
 
@@ -225,6 +235,9 @@ class Bench:
             )
         self.fakes_pid = 0
         self.result: dict[str, Any] = {}
+        self.cases = {case.strip() for case in os.environ.get("BENCH_CASES", "").split(",") if case.strip()}
+        self.cases = self.cases or {*CORE_CASES, "pool2"}
+        self.n_pool2 = N_POOL2 if scale == 1 else max(40, int(N_POOL2 * scale))
 
     # -- helpers --
 
@@ -233,7 +246,9 @@ class Bench:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (self.worker_path, str(ROOT)) if p)
         return env
 
-    def run_worker(self, stack: Any, name: str, prompts: Path, *extra: str) -> dict[str, Any]:
+    def run_worker(
+        self, stack: Any, name: str, prompts: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         run_dir = WORKDIR / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
@@ -246,7 +261,8 @@ class Bench:
             "--concurrency", str(self.concurrency), "--run-id", name, *extra,
         ]  # fmt: skip
         fake_cpu = process_cpu_seconds(self.fakes_pid)
-        measure = measured(argv, env=self.worker_env(stack), cwd=run_dir, stdout=run_dir / "worker.out")
+        environment = {**self.worker_env(stack), **(env or {})}
+        measure = measured(argv, env=environment, cwd=run_dir, stdout=run_dir / "worker.out")
         fake_cpu_after = process_cpu_seconds(self.fakes_pid)
         lines = (run_dir / "worker.out").read_text().strip().splitlines()
         summary = json.loads(lines[-1])
@@ -385,6 +401,61 @@ class Bench:
             "scale": f"{self.n_small:,} vs {self.n_large:,} prompts",
         }
 
+    def pool2(self, stack: Any) -> dict[str, Any]:
+        """Phase 4: two deployments of POOL2_TPM each as one pool (see the module docstring)."""
+        # chars uniform in [80, 220]: ≈ 75 tokens charged a prompt, 800 prompts ≈ one minute at 60,000 TPM
+        prompts = WORKDIR / "inputs" / f"pool2-{self.n_pool2}.jsonl"
+        charged = write_prompts(prompts, self.n_pool2, seed=4, min_chars=80, max_chars=220)
+        stack.openai.reset()
+        stack.openai.configure(
+            deployments=[*POOL2_DEPLOYMENTS, DEPLOYMENT],
+            deployment_limits={name: {"tpm": POOL2_TPM} for name in POOL2_DEPLOYMENTS},
+            **QUOTA_LATENCY,
+        )
+        log(f"pool2: worker run, {self.n_pool2} prompts ≈ {charged} tokens, 2 × {POOL2_TPM} TPM")
+        env = {"AZURE_OPENAI_DEPLOYMENTS": ",".join(POOL2_DEPLOYMENTS), "AZURE_OPENAI_DEPLOYMENT": "pool"}
+        worker = self.run_worker(stack, "pool2", prompts, env=env)
+        stats = stack.openai.stats()
+        measured_rate = self.served(stats)
+        pooled = 2 * POOL2_TPM
+        by_status = stats["by_deployment_status"]
+        per_deployment = {name: by_status.get(f"{name} 200", 0) for name in POOL2_DEPLOYMENTS}
+        return {
+            "prompts": self.n_pool2,
+            "charged_tokens": charged,
+            "worker": worker,
+            **measured_rate,
+            "pool_utilisation": measured_rate["served_tpm"] / pooled,
+            "served_by_deployment": per_deployment,
+            "both_used": all(count > 0 for count in per_deployment.values()),
+            "summary_deployments": worker["summary"].get("deployments", {}),
+        }
+
+    def report_pool2(self, pool2: dict[str, Any]) -> None:
+        """The pool2 rows, then the last line: every figure of this run as one JSON object."""
+        rows = [
+            ("pool2", "prompts / charged tokens", f"{pool2['prompts']} / {pool2['charged_tokens']}"),
+            ("pool2", "served TPM, both deployments (busy s)", f"{pool2['served_tpm']:.0f} ({pool2['busy_seconds']} s)"),
+            ("pool2", f"pool_utilisation ÷ 2 × {POOL2_TPM:,} (≥ 0.85)", f"{pool2['pool_utilisation']:.3f}"),
+            ("pool2", "throttled_ratio (≤ 0.05)", f"{pool2['throttled_ratio']:.4f} ({pool2['throttled']}/{pool2['requests']})"),
+            ("pool2", "served by deployment", ", ".join(f"{k} {v}" for k, v in pool2["served_by_deployment"].items())),
+            ("pool2", "worker wall s", f"{pool2['worker']['summary']['duration_s']:.1f}"),
+        ]  # fmt: skip
+        width = max(len(label) for _, label, _ in rows)
+        if not self.result:
+            print(f"{'phase':<9} {'measure':<{width}}  value")
+            print(f"{'-' * 9} {'-' * width}  {'-' * 30}")
+        for phase, label, value in rows:
+            print(f"{phase:<9} {label:<{width}}  {value}")
+        self.result = {
+            **self.result,
+            "pool2_utilisation": round(pool2["pool_utilisation"], 4),
+            "pool2_throttled_ratio": round(pool2["throttled_ratio"], 4),
+            "pool2_both_used": pool2["both_used"],
+            "pool2_served_by_deployment": pool2["served_by_deployment"],
+        }
+        print(json.dumps(self.result))
+
     def run(self) -> dict[str, Any]:
         from tests.stack import LocalStack
 
@@ -396,10 +467,16 @@ class Bench:
             self.fakes_pid = json.loads((WORKDIR / "stack" / "fakes-ready.json").read_text())["pid"]
             worker_from = self.which_worker(stack)
             log(f"worker package: {worker_from}")
-            overhead = self.overhead(stack)
-            quota = self.quota(stack)
-            memory = self.memory(stack)
-        self.report(overhead, quota, memory, worker_from, time.monotonic() - started)
+            core = self.cases & set(CORE_CASES)
+            if core:
+                overhead = self.overhead(stack)
+                quota = self.quota(stack)
+                memory = self.memory(stack)
+            pool2 = self.pool2(stack) if "pool2" in self.cases else None
+        if core:
+            self.report(overhead, quota, memory, worker_from, time.monotonic() - started)
+        if pool2 is not None:
+            self.report_pool2(pool2)
         return self.result
 
     # -- output --

@@ -174,3 +174,13 @@ def test_the_console_summary_has_a_line_per_deployment(
     out = capsys.readouterr().out
     assert "120 calls, 3 × 429, 51,200 + 9,800 tokens, tpm 30000, rpm —" in out
     assert "rpm 180, down" in out
+
+
+def test_the_shipped_pool_job_loads() -> None:
+    settings = load_settings({}, {}, job_file=str(Path(__file__).parents[2] / "jobs" / "pool.toml"))
+    assert settings.deployment == "chat"
+    assert [(d.name, d.priority) for d in settings.deployments] == [
+        ("gpt-4o-mini-ptu", 0),
+        ("gpt-4o-mini", 1),
+    ]
+    check_pool(settings)
