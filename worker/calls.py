@@ -10,7 +10,8 @@ function of the failure and the attempt number (`retry_delay`):
   outage leave the item `Unfinished` (exit 1).
 - THROTTLED (429): the deployment's budget pauses for the server's retry-after and cuts its pace;
   not an attempt. A retry-after longer than `MAX_SERVER_WAIT_SECONDS` (a daily or monthly quota)
-  takes the deployment out of this run.
+  takes the deployment out of this run. With a pool the next attempt goes at once to another
+  deployment that has budget now (worker.pool routes every attempt).
 - REAUTH (401 with an Entra token): the shared cache gets a newly issued token and the call goes again;
   a newly issued token rejected again is a configuration error (exit 2).
 - FINAL (content_filter, invalid request, context too long, ...): recorded at once as an error line.

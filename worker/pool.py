@@ -351,6 +351,8 @@ class Router:
             alive = [d for d in route.deployments if d.circuit.down is None]
             if not alive:
                 raise _all_down(route)
+            if len(route.deployments) == 1:  # nothing to choose: wait for its circuit, then its budget
+                return alive[0], await alive[0].circuit.admit()
             waits = {d: d.wait_estimate(cost) for d in alive}
             ready = [d for d in alive if waits[d] <= 0.0]
             if ready:
