@@ -592,13 +592,16 @@ class RateBudget:
         """Seconds a request of `tokens` would wait for its turn if it asked now; 0 when it would go at
         once. Takes no place in the budget: the 429 pause, the pacing of both dimensions (`plan` only
         ages the usage logs to a moment a request would reach anyway) and, when the window on requests in
-        flight is full, about one answer's latency."""
+        flight is full, the time the requests queued for a slot take to drain at one window per latency
+        (an unknown latency counts as a second)."""
         now = self.clock.now()
         wait = max(0.0, self._paused_until - now)
         start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
         wait = max(wait, start - now)
-        if self._waiters or self.in_flight >= self.window_limit():
-            wait += self.latency if self.latency is not None else 1.0
+        limit = self.window_limit()
+        if self._waiters or self.in_flight >= limit:
+            latency = self.latency if self.latency is not None else 1.0
+            wait += latency * (1 + len(self._waiters)) / limit
         return wait
 
     def headroom(self) -> float:

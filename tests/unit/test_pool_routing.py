@@ -17,7 +17,7 @@ from tests.stack.ratelimit import SlidingWindowLimiter
 from worker.errors import DeploymentDown
 from worker.health import Health
 from worker.pool import DeploymentConfig, Router
-from worker.ratelimit import Budgets
+from worker.ratelimit import Budgets, RateBudget
 
 from .virtual_time import LoopClock, run_virtual
 
@@ -206,3 +206,41 @@ def test_the_same_name_at_two_endpoints_is_two_deployments() -> None:
         return set(pool.report())
 
     assert run_virtual(report()) == set(labels)
+
+
+def test_the_budget_wait_estimate_takes_no_place_and_matches_the_wait() -> None:
+    async def scenario() -> None:
+        budget = RateBudget(tpm=None, rpm=60, clock=LoopClock(), max_window=4)
+        assert budget.wait_estimate(10) == 0.0
+        for _ in range(3):  # the burst, then pacing at one a second
+            async with budget.admit(10):
+                pass
+        estimate = budget.wait_estimate(10)
+        assert estimate > 0
+        assert budget.wait_estimate(10) == estimate  # asking again changes nothing
+        async with budget.admit(10) as permit:
+            assert permit.waited == pytest.approx(estimate)
+        budget.pause(30)
+        assert budget.wait_estimate(10) == pytest.approx(30)
+
+    run_virtual(scenario())
+
+
+def test_a_full_window_counts_as_no_budget_now() -> None:
+    async def scenario() -> None:
+        budget = RateBudget(tpm=None, rpm=None, clock=LoopClock(), max_window=2)
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with budget.admit(10):
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert budget.in_flight == 2
+        assert budget.wait_estimate(10) > 0
+        release.set()
+        await asyncio.gather(*holders)
+        assert budget.wait_estimate(10) == 0.0
+
+    run_virtual(scenario())
