@@ -86,6 +86,14 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
         budgets = Budgets(tpm=settings.tpm, rpm=settings.rpm, concurrency=settings.concurrency)
         health = Health(outage_seconds=settings.outage_seconds)
         router = Router(settings.deployments, client_for=clients.openai_for, budgets=budgets, health=health)
+        if router.pooled and settings.deployment not in {entry.serves for entry in settings.deployments}:
+            log.warning(
+                "config.deployment_outside_pool",
+                deployment=settings.deployment,
+                aliases=sorted({entry.serves for entry in settings.deployments}),
+                detail="requests that name no model do not reach the pool's alias; AZURE_OPENAI_DEPLOYMENT "
+                "in the environment beats the job file's `deployment`",
+            )
         pipeline = _pipeline(settings, clients, sink, router, result.stats, source_at, sink_at, on_progress)
         log.info(
             "run.started",

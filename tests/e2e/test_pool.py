@@ -302,3 +302,23 @@ def test_doctor_checks_every_deployment_of_the_pool(stack: LocalStack, tmp_path:
     assert "[[deployments]] entry's name" in checks["deployment payg-typo"]["fix"]
     assert checks["dns localhost"]["ok"]
     assert "paygo (priority 1, serves pool, at https://localhost:" in checks["setting deployments"]["detail"]
+
+
+def test_a_deployment_setting_outside_the_pool_is_warned_about(stack: LocalStack, tmp_path: Path) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {f"p{i}.txt": f"prompt {i}".encode() for i in range(4)})
+    stack.openai.configure(deployments=["ptu", "paygo"])
+    job = pool_job(
+        tmp_path,
+        {"name": "ptu", "serves": ALIAS, "priority": 0},
+        {"name": "paygo", "serves": ALIAS, "priority": 1},
+    )
+
+    run = run_worker(
+        stack, *blob_args(stack, source, sink, "--job", job), env={"AZURE_OPENAI_DEPLOYMENT": "paygo"}
+    )
+
+    assert run.code == 0, run.stdout[-3000:]
+    (warning,) = events_named(run, "config.deployment_outside_pool")
+    assert warning["deployment"] == "paygo" and warning["aliases"] == [ALIAS]
+    assert served(stack, "paygo") == 4  # its own name reaches just that deployment
