@@ -238,7 +238,7 @@ class Deployment:
     counts: DeploymentCounts = field(default_factory=DeploymentCounts)
 
     def wait_estimate(self, cost: int) -> float:
-        """Seconds until an attempt of `cost` could go out here (0: now); inf when it never will."""
+        """Seconds until an attempt of `cost` could go out here (0: now); inf once it is down."""
         return max(self.circuit.wait_estimate(), self.budget.wait_estimate(cost))
 
     def report(self) -> dict[str, Any]:
@@ -250,10 +250,16 @@ class Deployment:
             "serves": self.serves,
             "priority": self.priority,
             **vars(self.counts),
-            "tpm": limits["tpm"]["configured"] or limits["tpm"]["learned"],
-            "rpm": limits["rpm"]["configured"] or limits["rpm"]["learned"],
+            "tpm": _known(limits["tpm"]),
+            "rpm": _known(limits["rpm"]),
             "down": None if self.circuit.down is None else str(self.circuit.down),
         }
+
+
+def _known(limit: dict[str, Any]) -> int | None:
+    """The per-minute limit configured, else learned (None: neither)."""
+    value = limit["configured"] if limit["configured"] is not None else limit["learned"]
+    return None if value is None else round(value)
 
 
 @dataclass(frozen=True)
@@ -262,8 +268,6 @@ class Route:
 
     target: str
     deployments: tuple[Deployment, ...]
-    pooled: bool
-    """True when the name reaches configured pool deployments (an alias or a configured name)."""
 
 
 class Router:
@@ -320,9 +324,9 @@ class Router:
             ]
             if reached:
                 reached.sort(key=lambda d: (d.priority, d.order))
-                route = Route(target, tuple(reached), pooled=True)
+                route = Route(target, tuple(reached))
             else:
-                route = Route(target, (self._unconfigured(target),), pooled=False)
+                route = Route(target, (self._unconfigured(target),))
             self._routes[target] = route
         return route
 
