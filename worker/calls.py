@@ -321,7 +321,8 @@ class Caller:
         await asyncio.sleep(retry_delay(failure, spent))
         return spent
 
-    def _throttled(self, exc: openai.APIStatusError, deployment: Deployment, throttles: int) -> None:
+    @staticmethod
+    def _throttled(exc: openai.APIStatusError, deployment: Deployment, throttles: int) -> None:
         """A 429: the deployment's budget pauses for the server's wait (the router then sends the next
         attempt elsewhere, when the request reaches other deployments). A wait longer than the worker
         waits (a quota used up for the day) takes the deployment out of this run."""
