@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import structlog
 
 from worker.azure_monitor import FLUSH_SECONDS, open_telemetry
+from worker.batch.pipeline import BatchPipeline
+from worker.batch.run import batch_pipeline, wait_for_batches
 from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
@@ -93,9 +95,14 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
             sink=str(sink_at),
             auth=settings.auth,
             concurrency=settings.concurrency,
+            backend=settings.backend,
         )
         try:
             await stopper.run(pipeline)
+            if isinstance(pipeline, BatchPipeline):
+                pipeline = await _wait_for_batches(
+                    settings, clients, sink, budgets, health, result, stopper, source_at, sink_at, pipeline
+                )
         except ConfigError as error:
             result.exit_code, result.error = EXIT_CONFIG, str(error)
         if result.exit_code == EXIT_DONE and (
@@ -113,6 +120,30 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
         )
 
 
+async def _wait_for_batches(
+    settings: Settings,
+    clients: Clients,
+    sink: Sink,
+    budgets: Budgets,
+    health: Health,
+    result: RunResult,
+    stopper: Stopper,
+    source_at: Location,
+    sink_at: Location,
+    first: BatchPipeline,
+) -> BatchPipeline:
+    """The batch backend: with --wait, look again until the batches are done; the manifest lists them."""
+
+    def next_cycle() -> BatchPipeline:
+        pipeline = _pipeline(settings, clients, sink, budgets, health, result.stats, source_at, sink_at)
+        assert isinstance(pipeline, BatchPipeline)
+        return pipeline
+
+    last = await wait_for_batches(settings, first, result.stats, next_cycle, stopper.run)
+    result.batches = list(last.entries.values())
+    return last
+
+
 def _pipeline(
     settings: Settings,
     clients: Clients,
@@ -122,7 +153,7 @@ def _pipeline(
     stats: RunStats,
     source_at: Location,
     sink_at: Location,
-    on_progress: Progress,
+    on_progress: Progress = lambda _done, _seen: None,
 ) -> Pipeline:
     caller = Caller(
         clients.openai,
@@ -134,11 +165,11 @@ def _pipeline(
         max_attempts=settings.max_attempts,
         request_timeout=settings.request_timeout,
     )
-    return Pipeline(
-        source=clients.source(source_at),
-        sink=sink,
-        caller=caller,
-        limits=PipelineLimits(
+    parts: dict[str, Any] = {
+        "source": clients.source(source_at),
+        "sink": sink,
+        "caller": caller,
+        "limits": PipelineLimits(
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_seconds,
             max_prompt_bytes=settings.max_prompt_bytes,
@@ -146,10 +177,13 @@ def _pipeline(
             system_prompt=settings.system_prompt,
             parameters=settings.parameters,
         ),
-        stats=stats,
-        exclude=overlap_filter(source_at, sink_at),
-        on_progress=on_progress,
-    )
+        "stats": stats,
+        "exclude": overlap_filter(source_at, sink_at),
+        "on_progress": on_progress,
+    }
+    if settings.backend == "batch":
+        return batch_pipeline(settings, clients, sink_at, **parts)
+    return Pipeline(**parts)
 
 
 HARD_STOP_GRACE_SECONDS = 4.0
