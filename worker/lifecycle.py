@@ -1,7 +1,8 @@
 """The process around a run: signals, the drain deadline, the clients, writing the manifest, the exit code.
 
 Exit codes (the contract with the platform):
-    0  every item reached a final state (succeeded, or failed permanently and recorded)
+    0  every item reached a final state (succeeded, or failed permanently and recorded); with the batch
+       backend also: pending in a live batch, or deferred by a full enqueued-token quota
     1  work remains (interrupted, a unit could not be read or written) — a rerun resumes it
     2  configuration or usage error, with a message that says what to fix
 """
