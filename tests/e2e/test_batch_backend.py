@@ -333,13 +333,32 @@ def test_a_local_sink_keeps_its_batch_records_too(stack: LocalStack, tmp_path: P
         "0.2",
     )
 
+    stack.openai.configure(force_401=1)  # a revoked token: the files endpoint gets a freshly issued one
+
     run = run_worker(stack, *args)
 
     assert run.code == 0, run.stdout[-3000:]
     assert run.summary["succeeded"] == 3
+    assert stack.openai.config()["force_401"] == 0  # the 401 was answered, and the run went on
+    assert stack.identity.stats()["tokens_issued"] == 2  # local source and sink: one token, one refresh
     records = [json.loads(line) for line in (sink / "x.jsonl.results.jsonl").read_bytes().splitlines()]
     assert set(once_each(records)) == {"x0", "x1", "x2"}
     (record_file,) = (sink / "_batches" / "x.jsonl").iterdir()
     record = json.loads(record_file.read_text())
     assert record["state"] == "collected" and record["custom_ids"] == ["x0", "x1", "x2"]
     assert run_worker(stack, *args).summary["skipped"] == 3
+
+
+def test_a_retired_api_version_is_a_configuration_error_and_leaves_no_record(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {"v.jsonl": batch_line("v0", "version")})
+    stack.openai.configure(api_versions=[stack.api_version])
+
+    run = run_worker(stack, *batch_args(stack, source, sink, "--api-version", "2023-05-15"))
+
+    assert run.code == 2, run.stdout[-3000:]
+    assert "api-version" in run.summary["error"]
+    assert stack.openai.batches()["stats"]["uploads"] == 0
+    container = stack.blob_service().get_container_client(sink)
+    assert not list(container.list_blobs(name_starts_with="_batches/"))
+    assert results(stack, sink) == []
