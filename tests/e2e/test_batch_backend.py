@@ -362,3 +362,26 @@ def test_a_retired_api_version_is_a_configuration_error_and_leaves_no_record(sta
     container = stack.blob_service().get_container_client(sink)
     assert not list(container.list_blobs(name_starts_with="_batches/"))
     assert results(stack, sink) == []
+
+
+def test_a_deployment_that_takes_no_batches_is_a_configuration_error_not_item_errors(
+    stack: LocalStack,
+) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {"m.jsonl": b"\n".join(batch_line(f"m{i}", f"model {i}") for i in range(3))})
+    args = batch_args(stack, source, sink, "--deployment", "not-a-batch-deployment")
+    assert run_worker(stack, *args).code == 0  # submitted; the service validates it afterwards
+    wait_for_batches(stack, finished=1)
+
+    run = run_worker(stack, *args)
+
+    assert run.code == 2, run.stdout[-3000:]
+    assert "model_mismatch" in run.summary["error"]
+    assert results(stack, sink) == []  # nothing recorded: the fixed rerun does every item
+    stack.openai.configure_batches(max_lines=2)
+    fixed = batch_args(stack, source, sink, "--wait", "60", "--batch-poll-seconds", "0.2")
+    too_many = run_worker(stack, *fixed)
+    assert too_many.code == 2 and "too_many_tasks" in too_many.summary["error"]
+    done = run_worker(stack, *fixed, "--batch-max-lines", "2")
+    assert done.code == 0, done.stdout[-3000:]
+    assert set(once_each(results(stack, sink))) == {"m0", "m1", "m2"}

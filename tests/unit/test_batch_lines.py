@@ -128,6 +128,11 @@ def test_validation_verdicts() -> None:
     assert lines.problem is None
     whole = judge_validation([("model_mismatch", None, "not a batch deployment")], ids)
     assert whole.problem == "model_mismatch: not a batch deployment" and not whole.quota
+    every_line = judge_validation([("model_mismatch", n, "not a batch deployment") for n in (1, 2, 3)], ids)
+    assert (
+        every_line.line_errors == {}
+    )  # the worker wrote those lines: the deployment is wrong, not the items
+    assert every_line.problem == "model_mismatch: not a batch deployment"
 
 
 def test_a_record_round_trips_and_lives_under_batches() -> None:

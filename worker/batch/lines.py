@@ -14,6 +14,10 @@ RETRY_CODES = frozenset({"batch_expired", "batch_cancelled"})
 """Error-file codes of lines the service never answered: they go into a new batch."""
 QUOTA_CODES = frozenset({"token_limit_exceeded", "quota_exceeded", "insufficient_quota"})
 """Codes saying the enqueued-token quota is full: back off until a later run."""
+WHOLE_BATCH_CODES = frozenset({"model_mismatch", "url_mismatch", "too_many_tasks", "duplicate_custom_id"})
+"""Validation codes that, even when they name a line, are about the batch: the worker writes every line of a
+file with the same url and deployment and unique ids, so these mean a deployment that takes no batches or a
+limit set too high (a configuration problem, never the items' error)."""
 LIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 METADATA_SINK, METADATA_UNIT, METADATA_PART, METADATA_INPUT = (
@@ -226,8 +230,8 @@ def judge_validation(
         code = given or "validation_failed"
         if code in QUOTA_CODES:
             quota = True
-        elif line is not None and 1 <= line <= len(custom_ids):
+        elif code not in WHOLE_BATCH_CODES and line is not None and 1 <= line <= len(custom_ids):
             line_errors[custom_ids[line - 1]] = {"code": code, "message": message or code}
-        else:
-            problems.append(f"{code}: {message or 'no message'}")
+        elif (problem := f"{code}: {message or 'no message'}") not in problems:
+            problems.append(problem)
     return ValidationVerdict(quota, line_errors, "; ".join(problems) if problems else None)
