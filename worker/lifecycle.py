@@ -102,7 +102,7 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
             await stopper.run(pipeline)
             if isinstance(pipeline, BatchPipeline):
                 pipeline = await _wait_for_batches(
-                    settings, clients, sink, budgets, health, result, stopper, source_at, sink_at, pipeline
+                    settings, clients, sink, budgets, health, result, stopper, (source_at, sink_at), pipeline
                 )
         except ConfigError as error:
             result.exit_code, result.error = EXIT_CONFIG, str(error)
@@ -129,14 +129,15 @@ async def _wait_for_batches(
     health: Health,
     result: RunResult,
     stopper: Stopper,
-    source_at: Location,
-    sink_at: Location,
+    locations: tuple[Location, Location],
     first: BatchPipeline,
 ) -> BatchPipeline:
     """The batch backend: with --wait, look again until the batches are done; the manifest lists them."""
 
     def next_cycle() -> BatchPipeline:
-        pipeline = _pipeline(settings, clients, sink, budgets, health, result.stats, source_at, sink_at)
+        pipeline = _pipeline(
+            settings, clients, sink, budgets, health, result.stats, *locations, first.progress
+        )
         assert isinstance(pipeline, BatchPipeline)
         return pipeline
 
@@ -154,7 +155,7 @@ def _pipeline(
     stats: RunStats,
     source_at: Location,
     sink_at: Location,
-    on_progress: Progress = lambda _done, _seen: None,
+    on_progress: Progress,
 ) -> Pipeline:
     caller = Caller(
         clients.openai,

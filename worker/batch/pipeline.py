@@ -46,7 +46,7 @@ from worker.batch.service import (
 from worker.batch.state import COLLECTED, LIVE, SUBMITTING, BatchRecord, BatchStore, now_iso
 from worker.errors import ConfigError
 from worker.formats import Duplicate, Rejected, Request
-from worker.pipeline import Pipeline, UnitWriter
+from worker.pipeline import Pipeline, Progress, UnitWriter
 from worker.ratelimit import estimate_tokens
 from worker.storage import ClaimedUnit, SourceFile
 
@@ -89,6 +89,8 @@ class UnitWork:
 class BatchPipeline(Pipeline):
     def __init__(self, *, service: BatchService, options: BatchOptions, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.progress: Progress = kwargs.get("on_progress", lambda _done, _seen: None)
+        """What the run reports progress to (the next --wait cycle reports to it too)."""
         self._service = service
         self._options = options
         self._store = BatchStore(self._sink)
@@ -173,6 +175,10 @@ class BatchPipeline(Pipeline):
                 read_all = False
                 break
         for chunk in work.chunker.rest():
+            if self._stopping.is_set():  # stopping: these lines wait for the next run
+                self._stats.interrupted += len(chunk.custom_ids)
+                work.open += len(chunk.custom_ids)
+                continue
             await self._submit(chunk, work)
         if work.online:
             await asyncio.gather(*work.online, return_exceptions=True)
@@ -354,7 +360,6 @@ class BatchPipeline(Pipeline):
                 log.warning("item.failed", custom_id=custom_id, code=code)
             writer.add(formats.result_line(custom_id, response=outcome.response, error=outcome.error), code)
             collected.add(custom_id)
-            self._stats.requests += 1
             self._add_tokens(record, outcome.prompt_tokens, outcome.completion_tokens)
 
     def _add_tokens(self, record: BatchRecord, prompt: int, completion: int) -> None:
