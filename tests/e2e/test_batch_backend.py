@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.e2e.helpers import (
     WORKER,
     answer_text,
@@ -385,3 +387,67 @@ def test_a_deployment_that_takes_no_batches_is_a_configuration_error_not_item_er
     done = run_worker(stack, *fixed, "--batch-max-lines", "2")
     assert done.code == 0, done.stdout[-3000:]
     assert set(once_each(results(stack, sink))) == {"m0", "m1", "m2"}
+
+
+async def test_the_fake_batch_api_takes_what_the_sdk_sends_and_pages_like_the_service(
+    stack: LocalStack,
+) -> None:
+    import openai
+
+    def client(
+        api_version: str = stack.api_version, key: str = stack.openai_api_key
+    ) -> openai.AsyncAzureOpenAI:
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=stack.openai_endpoint,
+            api_version=api_version,
+            api_key=key,
+            http_client=openai.DefaultAioHttpClient(verify=stack.ssl_context()),
+            max_retries=0,
+        )
+
+    stack.openai.configure_batches(hold=True)
+    async with client() as sdk:
+        created = []
+        for i in range(5):
+            data = input_file_line(f"p{i}", f"page {i}")
+            uploaded = await sdk.files.create(
+                file=(f"in{i}.jsonl", data, "application/jsonl"), purpose="batch"
+            )
+            assert (uploaded.purpose, uploaded.bytes) == ("batch", len(data))
+            batch = await sdk.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/chat/completions",  # type: ignore[arg-type]
+                completion_window="24h",
+                metadata={"worker_part": str(i)},
+            )
+            assert batch.status == "validating" and batch.metadata == {"worker_part": str(i)}
+            created.append(batch.id)
+        listed = [batch.id async for batch in sdk.batches.list(limit=2)]  # three pages
+        assert sorted(listed) == sorted(created) and len(listed) == 5
+        first_page = await sdk.batches.list(limit=2)
+        assert first_page.has_more and len(first_page.data) == 2
+        cancelled = await sdk.batches.cancel(created[0])
+        assert cancelled.status == "cancelling"
+        stack.openai.configure_batches(hold=False)
+        wait_for_batches(stack, finished=5)
+        done = await sdk.batches.retrieve(created[1])
+        assert done.status == "completed" and done.request_counts is not None
+        assert done.request_counts.completed == 1 and done.output_file_id is not None
+        output = (await sdk.files.content(done.output_file_id)).content
+        answer = json.loads(output)
+        assert answer["custom_id"] == "p1" and answer["response"]["status_code"] == 200
+        assert answer["response"]["body"]["choices"][0]["message"]["content"] == "ECHO: page 1"
+    async with client(api_version="1999-01-01") as old:
+        stack.openai.configure(api_versions=[stack.api_version])
+        with pytest.raises(openai.NotFoundError):
+            await old.batches.retrieve(created[1])
+    async with client(key="wrong") as unauthorised:
+        with pytest.raises(openai.AuthenticationError):
+            await unauthorised.batches.retrieve(created[1])
+
+
+def input_file_line(custom_id: str, text: str) -> bytes:
+    request = json.loads(batch_line(custom_id, text))
+    request["url"] = "/chat/completions"
+    request["body"]["model"] = "gpt-4o-mini"
+    return json.dumps(request).encode() + b"\n"
