@@ -162,3 +162,11 @@ def test_the_job_file_chooses_the_backend(tmp_path: Path) -> None:
     settings = Settings(**load_job_file(job))
     assert (settings.backend, settings.batch_fallback, settings.wait) == ("batch", "online", 600)
     assert (settings.batch_max_lines, settings.batch_discount) == (5000, 0.4)
+
+
+def test_the_shipped_batch_job_file_loads() -> None:
+    from worker.settings import load_settings
+
+    example = Path(__file__).parents[2] / "jobs" / "batch-nightly.toml"
+    settings = load_settings({}, {}, job_file=str(example))
+    assert (settings.backend, settings.batch_discount, settings.wait) == ("batch", 0.5, 0)
