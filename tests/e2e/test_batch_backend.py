@@ -451,3 +451,22 @@ def input_file_line(custom_id: str, text: str) -> bytes:
     request["url"] = "/chat/completions"
     request["body"]["model"] = "gpt-4o-mini"
     return json.dumps(request).encode() + b"\n"
+
+
+def test_a_line_that_never_gets_an_answer_stops_being_resubmitted_after_max_attempts(
+    stack: LocalStack,
+) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    lines = [batch_line("good", "fine"), batch_line("poison", "ALWAYS_500 here")]
+    upload(stack, source, {"p.jsonl": b"\n".join(lines)})
+    args = batch_args(
+        stack, source, sink, "--max-attempts", "2", "--wait", "60", "--batch-poll-seconds", "0.2"
+    )
+
+    run = run_worker(stack, *args)
+
+    assert run.code == 1, run.stdout[-3000:]  # work remains, and nothing is recorded for the 5xx
+    assert (run.summary["succeeded"], run.summary["interrupted"], run.summary["pending"]) == (1, 1, 0)
+    assert stack.openai.batches()["stats"]["creates"] == 2  # the first batch, then one more try
+    assert [record["custom_id"] for record in results(stack, sink)] == ["good"]
+    assert any(event["event"] == "item.unfinished" for event in run.events)

@@ -128,6 +128,8 @@ def test_validation_verdicts() -> None:
     assert lines.problem is None
     whole = judge_validation([("model_mismatch", None, "not a batch deployment")], ids)
     assert whole.problem == "model_mismatch: not a batch deployment" and not whole.quota
+    unknown = judge_validation([("internal_error", None, "try again")], ids)
+    assert (unknown.quota, unknown.line_errors, unknown.problem) == (False, {}, None)  # lines go again
     every_line = judge_validation([("model_mismatch", n, "not a batch deployment") for n in (1, 2, 3)], ids)
     assert (
         every_line.line_errors == {}

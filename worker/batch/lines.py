@@ -222,7 +222,10 @@ class ValidationVerdict:
 def judge_validation(
     errors: Iterable[tuple[str | None, int | None, str | None]], custom_ids: list[str]
 ) -> ValidationVerdict:
-    """`errors` are the batch's errors.data as (code, line, message); `custom_ids` its lines in order."""
+    """`errors` are the batch's errors.data as (code, line, message); `custom_ids` its lines in order.
+
+    Any other failure (no line, an unknown code: the service's trouble) is none of these: the batch's lines
+    are simply submitted again."""
     quota = False
     line_errors: dict[str, dict[str, str]] = {}
     problems: list[str] = []
@@ -230,8 +233,9 @@ def judge_validation(
         code = given or "validation_failed"
         if code in QUOTA_CODES:
             quota = True
-        elif code not in WHOLE_BATCH_CODES and line is not None and 1 <= line <= len(custom_ids):
+        elif code in WHOLE_BATCH_CODES:
+            if (problem := f"{code}: {message or 'no message'}") not in problems:
+                problems.append(problem)
+        elif line is not None and 1 <= line <= len(custom_ids):
             line_errors[custom_ids[line - 1]] = {"code": code, "message": message or code}
-        elif (problem := f"{code}: {message or 'no message'}") not in problems:
-            problems.append(problem)
     return ValidationVerdict(quota, line_errors, "; ".join(problems) if problems else None)

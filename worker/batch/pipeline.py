@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,8 @@ class BatchOptions:
     max_lines: int
     max_bytes: int
     fallback_online: bool
+    max_attempts: int
+    """Batches a line may go into without an answer (expired, 5xx) before it is left `interrupted`."""
     cost: Cost
     """Estimated cost of (prompt, completion) tokens at the batch price (None: no price configured)."""
 
@@ -78,8 +81,8 @@ class UnitWork:
     """Ids recorded by this run's collection."""
     live: set[str] = field(default_factory=set)
     """Ids in a live batch."""
-    redo: set[str] = field(default_factory=set)
-    """With --batch-fallback online: ids of collected batches that got no record (called online)."""
+    tries: Counter[str] = field(default_factory=Counter)
+    """Per id, the collected batches it was in: those not recorded expired or failed retryably there."""
     next_part: int = 1
     online: set[asyncio.Task[None]] = field(default_factory=set)
     open: int = 0
@@ -156,13 +159,9 @@ class BatchPipeline(Pipeline):
         work.live = {
             custom_id for record in records if record.state == LIVE for custom_id in record.custom_ids
         }
-        if self._options.fallback_online:
-            work.redo = {
-                custom_id
-                for record in records
-                if record.state == COLLECTED
-                for custom_id in record.custom_ids
-            }
+        work.tries = Counter(
+            custom_id for record in records if record.state == COLLECTED for custom_id in record.custom_ids
+        )
         work.next_part = max((record.part for record in records), default=0) + 1
         items, read_all = 0, True
         async for parsed in formats.read_items(self._source, file, self._limits):
@@ -201,11 +200,20 @@ class BatchPipeline(Pipeline):
             self._stats.interrupted += 1
             work.open += 1
             return False
-        elif custom_id in work.redo:  # expired or failed retryably in a batch: online now
+        elif work.tries[custom_id] and self._options.fallback_online:  # no answer from a batch: online now
             if not await self._start_call(work.path, parsed, work.writer, work.online):
                 self._stats.interrupted += 1
                 work.open += 1
                 return False
+        elif work.tries[custom_id] >= self._options.max_attempts:
+            self._stats.interrupted += 1
+            work.open += 1
+            log.warning(
+                "item.unfinished",
+                custom_id=custom_id,
+                reason=f"{work.tries[custom_id]} batches returned no answer for it (expired or failed "
+                "retryably); it is not submitted again: run it with --batch-fallback online or --backend online",
+            )
         else:
             full = self._add(work.chunker, work.path, parsed, work.writer)
             if full is not None:

@@ -33,6 +33,7 @@ def batch_pipeline(settings: Settings, clients: Clients, sink_at: Location, **pi
         max_lines=settings.batch_max_lines,
         max_bytes=settings.batch_max_bytes,
         fallback_online=settings.batch_fallback == "online",
+        max_attempts=settings.max_attempts,
         cost=lambda prompt, completion: tokens_cost(prompt, completion, settings, batch=True),
     )
     return BatchPipeline(service=batch_service(settings, clients), options=options, **pipeline)
