@@ -6,6 +6,7 @@ Tests wait on what the fake reports (a batch created, batches completed), never 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -470,3 +471,26 @@ def test_a_line_that_never_gets_an_answer_stops_being_resubmitted_after_max_atte
     assert stack.openai.batches()["stats"]["creates"] == 2  # the first batch, then one more try
     assert [record["custom_id"] for record in results(stack, sink)] == ["good"]
     assert any(event["event"] == "item.unfinished" for event in run.events)
+
+
+def test_sigterm_while_waiting_for_batches_exits_with_a_summary(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {"s.jsonl": b"\n".join(batch_line(f"s{i}", f"stop {i}") for i in range(3))})
+    stack.openai.configure_batches(hold=True)
+    process = start_worker(
+        stack, *batch_args(stack, source, sink, "--wait", "600", "--batch-poll-seconds", "0.2")
+    )
+    wait_for_creates(stack, 1)
+    deadline = time.monotonic() + 60
+    while stack.openai.batches()["batches"][0]["status"] != "in_progress" or not list(
+        stack.blob_service().get_container_client(sink).list_blobs(name_starts_with="_batches/")
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=30)
+
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["event"] == "run.summary" and summary["exit_code"] == process.returncode == 1
+    assert summary["pending"] == 3
+    assert stack.openai.batches()["stats"]["creates"] == 1
