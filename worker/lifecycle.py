@@ -14,7 +14,7 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -167,11 +167,14 @@ def _pipeline(
         max_attempts=settings.max_attempts,
         request_timeout=settings.request_timeout,
     )
-    parts: dict[str, Any] = {
-        "source": clients.source(source_at),
-        "sink": sink,
-        "caller": caller,
-        "limits": PipelineLimits(
+    make: Callable[..., Pipeline] = (
+        batch_pipeline(settings, clients, sink_at) if settings.backend == "batch" else Pipeline
+    )
+    return make(
+        source=clients.source(source_at),
+        sink=sink,
+        caller=caller,
+        limits=PipelineLimits(
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_seconds,
             max_prompt_bytes=settings.max_prompt_bytes,
@@ -179,13 +182,10 @@ def _pipeline(
             system_prompt=settings.system_prompt,
             parameters=settings.parameters,
         ),
-        "stats": stats,
-        "exclude": overlap_filter(source_at, sink_at),
-        "on_progress": on_progress,
-    }
-    if settings.backend == "batch":
-        return batch_pipeline(settings, clients, sink_at, **parts)
-    return Pipeline(**parts)
+        stats=stats,
+        exclude=overlap_filter(source_at, sink_at),
+        on_progress=on_progress,
+    )
 
 
 HARD_STOP_GRACE_SECONDS = 4.0

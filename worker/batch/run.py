@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 
@@ -26,8 +26,9 @@ def batch_service(settings: Settings, clients: Clients) -> BatchService:
     )
 
 
-def batch_pipeline(settings: Settings, clients: Clients, sink_at: Location, **pipeline: Any) -> BatchPipeline:
-    """A BatchPipeline over the same parts as the online Pipeline (`pipeline`: its keyword arguments)."""
+def batch_pipeline(settings: Settings, clients: Clients, sink_at: Location) -> Callable[..., BatchPipeline]:
+    """Makes a BatchPipeline from the online Pipeline's keyword arguments (the same source, sink, caller,
+    limits and stats), with the Batch API service and options of these settings."""
     options = BatchOptions(
         sink=str(sink_at),
         max_lines=settings.batch_max_lines,
@@ -36,7 +37,7 @@ def batch_pipeline(settings: Settings, clients: Clients, sink_at: Location, **pi
         max_attempts=settings.max_attempts,
         cost=lambda prompt, completion: tokens_cost(prompt, completion, settings, batch=True),
     )
-    return BatchPipeline(service=batch_service(settings, clients), options=options, **pipeline)
+    return functools.partial(BatchPipeline, service=batch_service(settings, clients), options=options)
 
 
 async def wait_for_batches(
