@@ -60,29 +60,36 @@ class BatchService:
 
     async def create(self, input_file_id: str, endpoint: str, metadata: dict[str, str]) -> Batch:
         """Create a batch; QuotaFull when the enqueued-token quota is full, CreateUnknown when the answer
-        was lost (connection, timeout, 5xx)."""
-        try:
-            return await self._call(
-                "create a batch",
-                lambda: self._client.batches.create(
-                    input_file_id=input_file_id,
-                    endpoint=endpoint,  # type: ignore[arg-type]  # Azure's form: /chat/completions
-                    completion_window="24h",
-                    metadata=metadata,
-                ),
-                retry=False,
-            )
-        except openai.APIStatusError as exc:
-            if exc.status_code == 429 or error_code(exc) in QUOTA_CODES:
-                raise QuotaFull(error_message(exc)) from None
-            if classify(exc) is Verdict.RETRY:
+        was lost (connection, timeout, 5xx). Only a refusal that proves nothing was created (a 429 that is
+        not about the quota, a 401) is retried here."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._call(
+                    "create a batch",
+                    lambda: self._client.batches.create(
+                        input_file_id=input_file_id,
+                        endpoint=endpoint,  # type: ignore[arg-type]  # Azure's form: /chat/completions
+                        completion_window="24h",
+                        metadata=metadata,
+                    ),
+                    retry=False,
+                )
+            except openai.APIStatusError as exc:
+                if error_code(exc) in QUOTA_CODES or (exc.status_code == 429 and attempt >= ATTEMPTS):
+                    raise QuotaFull(error_message(exc)) from None
+                if exc.status_code == 429:
+                    await asyncio.sleep(retry_delay(exc, attempt))
+                    continue
+                if classify(exc) is Verdict.RETRY:
+                    raise CreateUnknown(describe_failure(exc)) from None
+                raise ConfigError(
+                    f"Azure OpenAI refused to create a batch ({error_code(exc)}: {error_message(exc)}): the "
+                    "deployment must be a Global Batch (or Data Zone Batch) deployment"
+                ) from None
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 raise CreateUnknown(describe_failure(exc)) from None
-            raise ConfigError(
-                f"Azure OpenAI refused to create a batch ({error_code(exc)}: {error_message(exc)}): the "
-                "deployment must be a Global Batch (or Data Zone Batch) deployment"
-            ) from None
-        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            raise CreateUnknown(describe_failure(exc)) from None
 
     async def retrieve(self, batch_id: str) -> Batch:
         return await self._call("look at a batch", lambda: self._client.batches.retrieve(batch_id))
