@@ -494,3 +494,21 @@ def test_sigterm_while_waiting_for_batches_exits_with_a_summary(stack: LocalStac
     assert summary["event"] == "run.summary" and summary["exit_code"] == process.returncode == 1
     assert summary["pending"] == 3
     assert stack.openai.batches()["stats"]["creates"] == 1
+
+
+def test_a_create_that_failed_without_a_batch_is_submitted_again_once(stack: LocalStack) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {"u.jsonl": b"\n".join(batch_line(f"u{i}", f"unknown {i}") for i in range(2))})
+    stack.openai.configure_batches(create_failures=1)
+    args = batch_args(stack, source, sink)
+
+    first = run_worker(stack, *args)
+
+    assert first.code == 1  # the worker cannot know whether the batch exists: the next run looks
+    assert first.summary["interrupted"] == 2
+    assert any(event["event"] == "batch.create_unknown" for event in first.events)
+    second = run_worker(stack, *args, "--wait", "60", "--batch-poll-seconds", "0.2")
+    assert second.code == 0, second.stdout[-3000:]
+    assert any(event["event"] == "batch.never_created" for event in second.events)
+    assert stack.openai.batches()["stats"]["creates"] == 1
+    assert set(once_each(results(stack, sink))) == {"u0", "u1"}

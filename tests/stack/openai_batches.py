@@ -66,6 +66,8 @@ class BatchConfig:
     """When the enqueued-token limit is reached, the create answers 429 instead of a failing batch."""
     create_delay_s: float = 0.0
     """After creating a batch, wait this long before answering (a client killed meanwhile never learns the id)."""
+    create_failures: int = 0
+    """The next N creates answer 503 without creating anything (the client cannot tell)."""
     answered_before_cancel: int = 0
     """Lines a cancelled batch answers before it ends `cancelled` (the rest get no line)."""
 
@@ -216,6 +218,9 @@ class FakeBatches:
     async def _create(self, request: web.Request) -> web.Response:
         self._check(request)
         self.stats.create_attempts += 1
+        if self.config.create_failures > 0:
+            self.config.create_failures -= 1
+            return web.json_response(bodies.SERVICE_UNAVAILABLE_503, status=503)
         try:
             body = json.loads(await request.read())
         except ValueError:
