@@ -59,13 +59,14 @@ def test_a_line_larger_than_a_file_may_be_is_refused() -> None:
 
 def test_metadata_names_sink_unit_and_part_within_the_service_limits() -> None:
     unit = "deep/" * 200 + "file.jsonl"
-    metadata = batch_metadata("https://acct.blob.core.windows.net/c/p/", unit, 3)
+    metadata = batch_metadata("https://acct.blob.core.windows.net/c/p/", unit, 3, "r1")
     assert len(metadata) <= 16
     assert all(len(key) <= 64 and len(value) <= 512 for key, value in metadata.items())
-    assert metadata_matches(metadata, "https://acct.blob.core.windows.net/c/p", unit, 3)
-    assert not metadata_matches(metadata, "https://acct.blob.core.windows.net/c/p", unit, 4)
-    assert not metadata_matches(metadata, "https://acct.blob.core.windows.net/c/other", unit, 3)
-    assert not metadata_matches(None, "x", unit, 3)
+    assert metadata_matches(metadata, "https://acct.blob.core.windows.net/c/p", unit, 3, "r1")
+    assert not metadata_matches(metadata, "https://acct.blob.core.windows.net/c/p", unit, 4, "r1")
+    assert not metadata_matches(metadata, "https://acct.blob.core.windows.net/c/p", unit, 3, "r2")
+    assert not metadata_matches(metadata, "https://acct.blob.core.windows.net/c/other", unit, 3, "r1")
+    assert not metadata_matches(None, "x", unit, 3, "r1")
 
 
 def line(**record: object) -> bytes:

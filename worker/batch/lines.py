@@ -20,10 +20,11 @@ file with the same url and deployment and unique ids, so these mean a deployment
 limit set too high (a configuration problem, never the items' error)."""
 LIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-METADATA_SINK, METADATA_UNIT, METADATA_PART, METADATA_INPUT = (
+METADATA_SINK, METADATA_UNIT, METADATA_PART, METADATA_RECORD, METADATA_INPUT = (
     "worker_sink",
     "worker_unit",
     "worker_part",
+    "worker_record",
     "worker_input",
 )
 MAX_METADATA_VALUE = 512
@@ -38,21 +39,24 @@ def sink_key(sink: str) -> str:
     return short_hash(sink.rstrip("/"), 16)
 
 
-def batch_metadata(sink: str, unit: str, part: int) -> dict[str, str]:
-    """The metadata a batch is created with: enough to adopt it when its record lost the batch id."""
+def batch_metadata(sink: str, unit: str, part: int, record: str) -> dict[str, str]:
+    """The metadata a batch is created with: enough to adopt it when its record lost the batch id. `record`
+    is the record's own random id, so a batch is only ever adopted by the record it was created for."""
     return {
         METADATA_SINK: sink_key(sink),
         METADATA_UNIT: short_hash(unit, 32),
         METADATA_PART: str(part),
+        METADATA_RECORD: record,
         METADATA_INPUT: unit[-MAX_METADATA_VALUE:],
     }
 
 
-def metadata_matches(metadata: Mapping[str, str] | None, sink: str, unit: str, part: int) -> bool:
-    expected = batch_metadata(sink, unit, part)
-    return metadata is not None and all(
-        metadata.get(key) == expected[key] for key in (METADATA_SINK, METADATA_UNIT, METADATA_PART)
-    )
+def metadata_matches(
+    metadata: Mapping[str, str] | None, sink: str, unit: str, part: int, record: str
+) -> bool:
+    expected = batch_metadata(sink, unit, part, record)
+    keys = (METADATA_SINK, METADATA_UNIT, METADATA_PART, METADATA_RECORD)
+    return metadata is not None and all(metadata.get(key) == expected[key] for key in keys)
 
 
 def endpoint_of(url: str) -> str:

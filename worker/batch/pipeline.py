@@ -264,7 +264,9 @@ class BatchPipeline(Pipeline):
             raise
         try:
             batch = await self._service.create(
-                record.input_file_id, endpoint_of(chunk.url), batch_metadata(self._options.sink, unit, part)
+                record.input_file_id,
+                endpoint_of(chunk.url),
+                batch_metadata(self._options.sink, unit, part, record.record_id),
             )
         except QuotaFull as full:
             self._quota_full.add(chunk.deployment)
@@ -278,6 +280,10 @@ class BatchPipeline(Pipeline):
             self.work_remains = True
             log.warning("batch.create_unknown", part=part, lines=count, failure=str(unknown))
             return
+        except BaseException:  # the record stays: the next run adopts the batch if there is one
+            self._stats.pending -= count
+            self._stats.interrupted += count
+            raise
         record.batch_id, record.state, record.status = batch.id, LIVE, batch.status
         log.info("batch.submitted", batch_id=batch.id, part=part, lines=count, deployment=chunk.deployment)
         self._note(record, submitted=True)
@@ -294,7 +300,9 @@ class BatchPipeline(Pipeline):
             (
                 batch
                 for batch in self._listing
-                if metadata_matches(batch.metadata, self._options.sink, record.unit, record.part)
+                if metadata_matches(
+                    batch.metadata, self._options.sink, record.unit, record.part, record.record_id
+                )
             ),
             None,
         )

@@ -9,6 +9,7 @@ or, when there is none, the record is dropped and its lines are submitted again.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,8 @@ class BatchRecord:
     size: int = 0
     """Bytes of the input file."""
     estimated_tokens: int = 0
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    """Names this record in its batch's metadata (a part number alone may be used again)."""
     created_at: str = field(default_factory=now_iso)
     collected_at: str | None = None
 
