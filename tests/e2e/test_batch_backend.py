@@ -168,6 +168,8 @@ def test_a_crash_between_create_and_record_is_healed_by_adopting_the_batch(stack
         process.communicate(timeout=30)
     stack.openai.configure_batches(create_delay_s=0)
     wait_for_batches(stack, finished=1)
+    (row,) = [line for line in batches_command(stack, sink) if line["event"] == "batch"]
+    assert row["state"] == "submitting" and row["batch_id"] == stack.openai.batches()["batches"][0]["id"]
 
     rerun = run_worker(stack, *args)
 

@@ -6,11 +6,12 @@ from collections import Counter
 from typing import Any
 
 import structlog
+from openai.types import Batch
 
-from worker.batch.lines import LIVE_STATUSES
+from worker.batch.lines import LIVE_STATUSES, metadata_matches
 from worker.batch.run import batch_service
 from worker.batch.service import BatchGone, request_counts
-from worker.batch.state import LIVE, BatchStore
+from worker.batch.state import LIVE, SUBMITTING, BatchStore
 from worker.services import open_clients
 from worker.settings import Settings
 from worker.storage.urls import parse_location
@@ -27,6 +28,7 @@ async def sink_batches(
     sink_at = parse_location(settings.sink or "", what="--sink")
     rows: list[dict[str, Any]] = []
     cancelled = 0
+    listing: list[Batch] | None = None
     async with open_clients(settings) as clients:
         store = BatchStore(clients.sink(sink_at))
         service = batch_service(settings, clients)
@@ -42,6 +44,21 @@ async def sink_batches(
                 "request_counts": record.request_counts,
                 "created_at": record.created_at,
             }
+            if record.state == SUBMITTING:  # its create's answer was lost: the batch may exist all the same
+                if listing is None:
+                    listing = await service.list_all()
+                found = next(
+                    (
+                        batch
+                        for batch in listing
+                        if metadata_matches(
+                            batch.metadata, str(sink_at), record.unit, record.part, record.record_id
+                        )
+                    ),
+                    None,
+                )
+                if found is not None:
+                    row["batch_id"], record.batch_id, record.state = found.id, found.id, LIVE
             if record.state == LIVE and record.batch_id is not None:
                 try:
                     batch = await service.retrieve(record.batch_id)
