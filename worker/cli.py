@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar, get_args
@@ -32,6 +33,7 @@ app = typer.Typer(
 RUN_SETTINGS = tuple(option.name for option in OPTIONS if option.flag)
 """The settings `worker run` takes as flags: every one that has a flag."""
 DOCTOR_SETTINGS = ("source", "sink", "deployment", "auth", "endpoint", "job_file")
+BATCHES_SETTINGS = ("sink", "auth", "endpoint", "api_version", "job_file")
 Command = TypeVar("Command", bound=Callable[..., None])
 
 
@@ -141,7 +143,6 @@ def doctor(
     **flags: Any,
 ) -> None:
     """Explain what is misconfigured: credential and principal, DNS, tokens, source, sink, deployment."""
-    import json
 
     from worker.doctor import diagnose, render
 
@@ -155,6 +156,34 @@ def doctor(
     report = asyncio.run(diagnose(settings))
     typer.echo(json.dumps(report.as_dict()) if as_json else render(report))
     raise typer.Exit(0 if report.ok else EXIT_CONFIG)
+
+
+@app.command()
+@_setting_flags(*BATCHES_SETTINGS)
+def batches(
+    *,
+    action: Annotated[
+        str, typer.Argument(help="list (the default): this sink's batches; cancel: cancel the live ones.")
+    ] = "list",
+    **flags: Any,
+) -> None:
+    """List this sink's Batch API batches (status, counts), or cancel the live ones; the next
+    `worker run --backend batch` collects what they answered."""
+    from worker.batch.commands import sink_batches
+
+    if action not in ("list", "cancel"):
+        raise typer.BadParameter("must be list or cancel", param_hint="ACTION")
+    _check_auth(flags)
+    settings = _load(flags)
+    logs.configure(json_lines=True, stream=sys.stderr)
+    try:
+        rows, summary = asyncio.run(sink_batches(settings, cancel=action == "cancel"))
+    except ConfigError as error:
+        typer.echo(json.dumps({"event": "batches.error", "error": str(error)}))
+        raise typer.Exit(EXIT_CONFIG) from None
+    for row in rows:
+        typer.echo(json.dumps({"event": "batch", **row}))
+    typer.echo(json.dumps({"event": "batches.summary", **summary}))
 
 
 def _run_with_progress(settings: Settings) -> RunResult:

@@ -1,7 +1,8 @@
 """The process around a run: signals, the drain deadline, the clients, writing the manifest, the exit code.
 
 Exit codes (the contract with the platform):
-    0  every item reached a final state (succeeded, or failed permanently and recorded)
+    0  every item reached a final state (succeeded, or failed permanently and recorded); with the batch
+       backend also: pending in a live batch, or deferred by a full enqueued-token quota
     1  work remains (interrupted, a unit could not be read or written) — a rerun resumes it
     2  configuration or usage error, with a message that says what to fix
 """
@@ -13,13 +14,15 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
 
 from worker.azure_monitor import FLUSH_SECONDS, open_telemetry
+from worker.batch.pipeline import BatchPipeline
+from worker.batch.run import batch_pipeline, wait_for_batches
 from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
@@ -103,9 +106,14 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
             auth=settings.auth,
             concurrency=settings.concurrency,
             **({"deployments": [d.label for d in router.deployments]} if router.pooled else {}),
+            backend=settings.backend,
         )
         try:
             await stopper.run(pipeline)
+            if isinstance(pipeline, BatchPipeline):
+                pipeline = await _wait_for_batches(
+                    settings, clients, sink, router, result, stopper, (source_at, sink_at), pipeline
+                )
         except ConfigError as error:
             result.exit_code, result.error = EXIT_CONFIG, str(error)
         if result.exit_code == EXIT_DONE and (
@@ -122,6 +130,28 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
         result.manifest = await stopper.cleanup(
             sink.write_manifest(result.run_id, document), "run.manifest_failed"
         )
+
+
+async def _wait_for_batches(
+    settings: Settings,
+    clients: Clients,
+    sink: Sink,
+    router: Router,
+    result: RunResult,
+    stopper: Stopper,
+    locations: tuple[Location, Location],
+    first: BatchPipeline,
+) -> BatchPipeline:
+    """The batch backend: with --wait, look again until the batches are done; the manifest lists them."""
+
+    def next_cycle() -> BatchPipeline:
+        pipeline = _pipeline(settings, clients, sink, router, result.stats, *locations, first.progress)
+        assert isinstance(pipeline, BatchPipeline)
+        return pipeline
+
+    last = await wait_for_batches(settings, first, result.stats, next_cycle, stopper.run)
+    result.batches = list(last.entries.values())
+    return last
 
 
 def _pipeline(
@@ -142,7 +172,10 @@ def _pipeline(
         max_attempts=settings.max_attempts,
         request_timeout=settings.request_timeout,
     )
-    return Pipeline(
+    make: Callable[..., Pipeline] = (
+        batch_pipeline(settings, clients, sink_at) if settings.backend == "batch" else Pipeline
+    )
+    return make(
         source=clients.source(source_at),
         sink=sink,
         caller=caller,

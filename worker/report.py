@@ -29,8 +29,9 @@ class Count(NamedTuple):
     description: str
 
 
-OUTCOMES = ("succeeded", "failed", "skipped", "interrupted")
-"""Where the items this process saw ended, each a RunStats count (the metric: `worker.items` by outcome)."""
+OUTCOMES = ("succeeded", "failed", "skipped", "interrupted", "pending")
+"""Where the items this process saw ended, each a RunStats count (the metric: `worker.items` by outcome);
+`pending`: with the batch backend, in a live batch or left for the next run by a full enqueued-token quota."""
 CALLS = (
     Count("requests", "{request}", "Azure OpenAI calls made"),
     Count("retries", "{retry}", "Calls retried"),
@@ -79,6 +80,9 @@ class RunStats:
     failed: int = 0
     skipped: int = 0
     interrupted: int = 0
+    pending: int = 0
+    deferred: int = 0
+    """Of `pending`: items not submitted because the Batch enqueued-token quota is full (the next run does)."""
     units_done: int = 0
     units_skipped: int = 0
     units_held: int = 0
@@ -90,6 +94,9 @@ class RunStats:
     token_refreshes: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    batch_prompt_tokens: int = 0
+    """Of prompt_tokens: those answered through the Batch API (billed at the batch price)."""
+    batch_completion_tokens: int = 0
     throttle_wait_seconds: float = 0.0
     errors_by_code: Counter[str] = field(default_factory=Counter)
     problems: list[dict[str, Any]] = field(default_factory=list)
@@ -116,6 +123,7 @@ class RunStats:
         return {
             **self.counts("total", *OUTCOMES),
             "held": self.units_held,
+            **({"deferred": self.deferred} if self.deferred else {}),
             "changed_inputs": self.changed_inputs,
             **self.counts(*(count.name for count in CALLS), "token_refreshes"),
             **{f"{kind}_tokens": used for kind, used in self.tokens().items()},
@@ -139,6 +147,8 @@ class RunResult:
     rate_limits: dict[str, Any] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per deployment (worker.pool.Deployment.report): calls, 429s, tokens, limits, where it is."""
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    """With the batch backend: one entry per batch this run submitted, looked at or collected."""
     started: float = field(default_factory=time.time)
     ended: float | None = None
 
@@ -169,11 +179,26 @@ def summary_deployments(deployments: dict[str, dict[str, Any]]) -> dict[str, dic
 
 
 def estimated_cost(stats: RunStats, settings: Settings) -> float | None:
-    """Tokens this run used × the job's prices per million; None when no price is configured."""
+    """Tokens this run used × the job's prices per million (tokens answered through the Batch API at the
+    batch price); None when no price is configured."""
+    online = tokens_cost(
+        stats.prompt_tokens - stats.batch_prompt_tokens,
+        stats.completion_tokens - stats.batch_completion_tokens,
+        settings,
+    )
+    batch = tokens_cost(stats.batch_prompt_tokens, stats.batch_completion_tokens, settings, batch=True)
+    return None if online is None or batch is None else round(online + batch, 6)
+
+
+def tokens_cost(prompt: int, completion: int, settings: Settings, *, batch: bool = False) -> float | None:
+    """The price of so many tokens at the job's prices per million (× `pricing.batch_discount` for the
+    Batch API); None when no price is configured."""
     if settings.price_input_per_million is None and settings.price_output_per_million is None:
         return None
-    cost = stats.prompt_tokens * (settings.price_input_per_million or 0.0)
-    cost += stats.completion_tokens * (settings.price_output_per_million or 0.0)
+    cost = prompt * (settings.price_input_per_million or 0.0)
+    cost += completion * (settings.price_output_per_million or 0.0)
+    if batch:
+        cost *= settings.batch_discount
     return round(cost / 1_000_000, 6)
 
 
@@ -192,7 +217,8 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
         "sink": settings.sink,
         "deployment": settings.deployment,
         "auth": settings.auth,
-        "counts": stats.counts("total", *OUTCOMES, *UNITS),
+        "backend": settings.backend,
+        "counts": stats.counts("total", *OUTCOMES, "deferred", *UNITS),
         "calls": {
             **stats.counts(*(count.name for count in CALLS), "token_refreshes"),
             "throttle_wait_seconds": round(stats.throttle_wait_seconds, 3),
@@ -208,6 +234,7 @@ def manifest(result: RunResult, settings: Settings) -> bytes:
         "errors_by_code": dict(stats.errors_by_code),
         "rate_limits": result.rate_limits,
         "deployments": result.deployments,
+        **({"batches": result.batches} if settings.backend == "batch" else {}),
         "input_problems": stats.problems,
         "input_problems_not_listed": stats.problems_dropped,
     }

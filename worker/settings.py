@@ -43,6 +43,8 @@ AuthMode = Literal[
 ]
 AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
 LogFormat = Literal["auto", "json", "console"]
+Backend = Literal["online", "batch"]
+BatchFallback = Literal["none", "online"]
 MAX_DRAIN_SECONDS = 18.0
 """SIGTERM gives 30 s: a drain of at most this, 4 s to write what finished, then leases and the manifest."""
 
@@ -170,6 +172,55 @@ OPTIONS: tuple[Option, ...] = (
         env=("WORKER_PRICE_OUTPUT_PER_MILLION",),
         job_key="pricing.output_per_million",
         help="Price of 1M completion tokens, for the manifest's estimated cost.",
+    ),
+    Option(
+        name="backend",
+        flag="--backend",
+        env=("WORKER_BACKEND",),
+        job_key="backend",
+        help="online (calls as they go, results in minutes) or batch (the Batch API: about half the price, its own enqueued-token quota, results within 24 h; each run submits what is new and collects what finished).",
+    ),
+    Option(
+        name="wait",
+        flag="--wait",
+        env=("WORKER_WAIT",),
+        job_key="limits.wait",
+        help="With the batch backend: seconds to keep polling until the batches finish (0 = submit, collect what is finished and exit).",
+    ),
+    Option(
+        name="batch_poll_seconds",
+        flag="--batch-poll-seconds",
+        env=("WORKER_BATCH_POLL_SECONDS",),
+        job_key="limits.batch_poll_seconds",
+        help="With --wait: seconds between two looks at the batches (Azure asks for 60 or more).",
+    ),
+    Option(
+        name="batch_max_lines",
+        flag="--batch-max-lines",
+        env=("WORKER_BATCH_MAX_LINES",),
+        job_key="limits.batch_max_lines",
+        help="Requests per Batch input file at most (the service takes 100,000).",
+    ),
+    Option(
+        name="batch_max_bytes",
+        flag="--batch-max-bytes",
+        env=("WORKER_BATCH_MAX_BYTES",),
+        job_key="limits.batch_max_bytes",
+        help="Bytes per Batch input file at most (the service takes 200 MB).",
+    ),
+    Option(
+        name="batch_fallback",
+        flag="--batch-fallback",
+        env=("WORKER_BATCH_FALLBACK",),
+        job_key="batch_fallback",
+        help="What happens to Batch lines that expired or failed retryably: none (a new batch) or online (called online by this run).",
+    ),
+    Option(
+        name="batch_discount",
+        flag=None,
+        env=("WORKER_BATCH_DISCOUNT",),
+        job_key="pricing.batch_discount",
+        help="Batch price as a fraction of the online price, for the manifest's estimated cost of each batch.",
     ),
     Option(
         name="endpoint",
@@ -331,6 +382,13 @@ class Settings(BaseModel):
     lease_seconds: int = Field(default=30, ge=15, le=60)
     price_input_per_million: float | None = Field(default=None, ge=0)
     price_output_per_million: float | None = Field(default=None, ge=0)
+    backend: Backend = "online"
+    wait: float = Field(default=0.0, ge=0)
+    batch_poll_seconds: float = Field(default=60.0, gt=0)
+    batch_max_lines: int = Field(default=100_000, ge=1, le=100_000)
+    batch_max_bytes: int = Field(default=200_000_000, ge=1024, le=200_000_000)
+    batch_fallback: BatchFallback = "none"
+    batch_discount: float = Field(default=0.5, ge=0, le=1)
     endpoint: str | None = None
     api_version: str = DEFAULT_API_VERSION
     api_key: SecretStr | None = None
@@ -483,6 +541,12 @@ def check_pool(settings: Settings) -> None:
     """What a pool needs besides its entries: AZURE_OPENAI_ENDPOINT unless every deployment names its
     endpoint; with --auth api-key, the one endpoint the key belongs to."""
     pool = settings.deployments
+    if pool and settings.backend == "batch":
+        raise ConfigError(
+            "--backend batch sends each Batch file to one deployment at AZURE_OPENAI_ENDPOINT; a pool of "
+            "[[deployments]] (or AZURE_OPENAI_DEPLOYMENTS) is for the online backend: remove it, or use "
+            "--backend online"
+        )
     if not pool or any(entry.endpoint is None for entry in pool):
         settings.require("endpoint")
     if settings.auth == "api-key" and any(entry.endpoint not in (None, settings.endpoint) for entry in pool):

@@ -64,6 +64,14 @@ class OpenAIAdmin(_AdminClient):
         """The current config (force_* counters show how many forced faults are left)."""
         return self._call("GET", "config")
 
+    def batches(self) -> dict[str, Any]:
+        """The Batch API's state: config, stats, by_status and every batch (moved along its clock)."""
+        return self._call("GET", "batches")
+
+    def configure_batches(self, **settings: Any) -> dict[str, Any]:
+        """Merge `settings` into the Batch API's config (see tests/stack/openai_batches.py)."""
+        return self._call("POST", "batches", settings)
+
 
 class IdentityAdmin(_AdminClient):
     """Admin client of the identity server."""

@@ -172,6 +172,9 @@ class FakeAzureOpenAI:
         self.stats = OpenAIStats()
         self._limiters: dict[str, SlidingWindowLimiter] = {}
         self._rng = random.Random(config.seed)
+        from .openai_batches import FakeBatches  # the Batch API: files and batches (its own module)
+
+        self.batches = FakeBatches(self)
 
     def app(self) -> web.Application:
         """The web application: the OpenAI data plane and the admin API."""
@@ -182,7 +185,18 @@ class FakeAzureOpenAI:
         app.router.add_get("/_admin/config", self._admin_get_config)
         app.router.add_post("/_admin/config", self._admin_config)
         app.router.add_post("/_admin/reset", self._admin_reset)
+        self.batches.add_routes(app)
         return app
+
+    def check_batch_request(self, request: web.Request) -> None:
+        """The data plane's outage, api-version and authentication checks, for the Batch API's files and
+        batches endpoints (raises _Reply)."""
+        if self.config.outage_status:
+            raise _Reply(self.config.outage_status, bodies.SERVICE_UNAVAILABLE_503)
+        api_version = request.query.get("api-version")
+        if not api_version or (self.config.api_versions and api_version not in self.config.api_versions):
+            raise _Reply(404, bodies.RESOURCE_NOT_FOUND)
+        self._authenticate(request)
 
     # ---- data plane -------------------------------------------------------------------------------
 
@@ -422,6 +436,7 @@ class FakeAzureOpenAI:
         self.stats = OpenAIStats()
         self._limiters.clear()
         self._rng = random.Random(self.config.seed)
+        self.batches.reset()
         return _json_response(200, as_json(self.config))
 
 

@@ -153,6 +153,12 @@ def test_api_key_mode_cannot_reach_other_endpoints(tmp_path: Path) -> None:
         check_pool(settings)
 
 
+def test_a_pool_is_refused_with_the_batch_backend(tmp_path: Path) -> None:
+    settings = load_settings({"backend": "batch"}, {}, job_file=job(tmp_path, POOL))
+    with pytest.raises(ConfigError, match="--backend online"):
+        check_pool(settings)
+
+
 def test_the_console_summary_has_a_line_per_deployment(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

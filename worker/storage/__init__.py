@@ -106,6 +106,23 @@ class Sink(Protocol):
         """Write `_runs/<run_id>.json`; returns where it went."""
         ...
 
+    async def write_state(self, name: str, data: bytes) -> None:
+        """Write (replace) a small state object of the worker's, `name` relative to SINK (under a `_`
+        folder, e.g. `_batches/...`)."""
+        ...
+
+    async def read_state(self, name: str) -> bytes | None:
+        """A state object written by `write_state`; None when there is none."""
+        ...
+
+    async def list_state(self, prefix: str) -> list[str]:
+        """The names of the state objects under `prefix` (relative to SINK), in name order."""
+        ...
+
+    async def delete_state(self, name: str) -> None:
+        """Delete a state object; nothing happens when it is gone already."""
+        ...
+
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """The longest line `split_lines` hands on (16 MiB, its `\\r` included); a longer one is never held whole."""
@@ -185,3 +202,4 @@ async def scan_in_slices(scanner: ResultScanner, chunk: bytes) -> None:
 
 MANIFEST_FOLDER = "_runs"
 STATE_FOLDER = "_state"
+BATCH_FOLDER = "_batches"

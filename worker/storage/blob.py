@@ -346,6 +346,29 @@ class BlobSink:
             await self._container.upload_blob(name, data, overwrite=True, **_json_content())
         return f"{self._where}{MANIFEST_FOLDER}/{run_id}.json"
 
+    async def write_state(self, name: str, data: bytes) -> None:
+        with storage_errors("write", self._where):
+            await self._container.upload_blob(self._prefix + name, data, overwrite=True, **_json_content())
+
+    async def read_state(self, name: str) -> bytes | None:
+        with storage_errors("read", self._where):
+            try:
+                downloader = await self._container.download_blob(self._prefix + name)
+            except ResourceNotFoundError:
+                return None
+            return await downloader.readall()
+
+    async def list_state(self, prefix: str) -> list[str]:
+        names: list[str] = []
+        with storage_errors("list", self._where):
+            async for blob in self._container.list_blobs(name_starts_with=self._prefix + prefix):
+                names.append(blob.name[len(self._prefix) :])
+        return sorted(names)
+
+    async def delete_state(self, name: str) -> None:
+        with storage_errors("write", self._where), contextlib.suppress(ResourceNotFoundError):
+            await self._container.delete_blob(self._prefix + name)
+
 
 def _complete_at(metadata: dict[str, str], version: str) -> bool:
     """Whether a result blob is marked complete for this input version (or for an unrecorded one)."""

@@ -215,6 +215,36 @@ class LocalSink:
         temporary.replace(path)
         return str(path)
 
+    async def write_state(self, name: str, data: bytes) -> None:
+        path = inside(self.root, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+
+    async def read_state(self, name: str) -> bytes | None:
+        try:
+            return inside(self.root, name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def list_state(self, prefix: str) -> list[str]:
+        folder = self.root / prefix.rstrip("/")
+        if not folder.is_dir():
+            return []
+
+        def scan() -> list[str]:
+            return sorted(
+                path.relative_to(self.root).as_posix()
+                for path in folder.rglob("*")
+                if path.is_file() and not path.name.endswith(".tmp")
+            )
+
+        return await asyncio.to_thread(scan)
+
+    async def delete_state(self, name: str) -> None:
+        inside(self.root, name).unlink(missing_ok=True)
+
 
 def _read_marker(marker: Path) -> tuple[int, str | None] | None:
     """(items, input version) of a completion marker; None when there is none or it is unreadable (the
