@@ -2,8 +2,9 @@
 
 Exit codes (the contract with the platform):
     0  every item reached a final state (succeeded, or failed permanently and recorded); with the batch
-       backend also: pending in a live batch, or deferred by a full enqueued-token quota
-    1  work remains (interrupted, a unit could not be read or written) — a rerun resumes it
+       backend also: pending in a live batch
+    1  work remains (interrupted, a unit could not be read or written, with the batch backend lines
+       deferred by a full enqueued-token quota) — a rerun resumes it
     2  configuration or usage error, with a message that says what to fix
 """
 
@@ -117,7 +118,7 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
         except ConfigError as error:
             result.exit_code, result.error = EXIT_CONFIG, str(error)
         if result.exit_code == EXIT_DONE and (
-            pipeline.work_remains or result.stats.interrupted or stopper.requested
+            pipeline.work_remains or result.stats.interrupted or result.stats.deferred or stopper.requested
         ):
             result.exit_code = EXIT_WORK_REMAINS
         await stopper.cleanup(pipeline.release_claimed_units(), "unit.release_failed")
