@@ -8,6 +8,7 @@ the text of the last user message. Token counts are ceil(characters / 4).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import math
 import random
@@ -25,6 +26,7 @@ from .settings import SettingsError, as_json, merge
 from .tokens import COGNITIVE_SERVICES_AUDIENCE, InvalidTokenError, TokenMint
 
 JSON_TYPE = "application/json"
+_REQUEST_STATS: contextvars.ContextVar[OpenAIStats] = contextvars.ContextVar("request_stats")
 FILTER_PROMPT_MARKER = "FILTER_ME"
 FILTER_OUTPUT_MARKER = "FILTER_OUTPUT"
 FAIL_PROMPT_MARKER = "ALWAYS_500"  # a prompt holding this always gets a 500 (a "poison" item)
@@ -208,6 +210,7 @@ class FakeAzureOpenAI:
 
     async def _serve(self, request: web.Request, operation: str) -> web.Response:
         stats = self.stats
+        _REQUEST_STATS.set(stats)  # this request counts here, even when it ends after a reset
         now = time.time()
         stats.requests += 1
         stats.last_request_at = now
@@ -245,7 +248,7 @@ class FakeAzureOpenAI:
         deployment = request.match_info["deployment"]
         if deployment not in config.deployments:
             raise _Reply(404, bodies.DEPLOYMENT_NOT_FOUND)
-        self.stats.by_deployment[deployment] += 1
+        self._request_stats.by_deployment[deployment] += 1
         if deployment in config.outage_deployments:
             raise _Reply(503, bodies.SERVICE_UNAVAILABLE_503)
         self._authenticate(request)
@@ -270,7 +273,7 @@ class FakeAzureOpenAI:
         if key is not None:
             if not config.api_key or key != config.api_key:
                 raise _Reply(401, bodies.API_KEY_401)
-            self.stats.by_auth["api-key"] += 1
+            self._request_stats.by_auth["api-key"] += 1
             return
         authorization = request.headers.get("Authorization")
         if authorization is None:
@@ -282,7 +285,7 @@ class FakeAzureOpenAI:
             self.mint.verify(token.strip(), COGNITIVE_SERVICES_AUDIENCE)
         except InvalidTokenError:
             raise _Reply(401, bodies.ENTRA_401) from None
-        self.stats.by_auth["bearer"] += 1
+        self._request_stats.by_auth["bearer"] += 1
 
     async def _chat_answer(self, body: dict[str, Any], deployment: str, api_version: str) -> web.Response:
         messages = body.get("messages")
@@ -315,7 +318,7 @@ class FakeAzureOpenAI:
             completion_tokens=completion_tokens,
             output_filtered=FILTER_OUTPUT_MARKER in prompt,
         )
-        stats = self.stats
+        stats = self._request_stats
         if last_user in stats.answered:
             stats.repeats += 1
         else:
@@ -373,7 +376,7 @@ class FakeAzureOpenAI:
             decision = limiter.acquire(cost, rpm=rpm, tpm=tpm, now=time.monotonic())
             if decision.admitted:
                 return decision
-        self.stats.throttled += 1
+        self._request_stats.throttled += 1
         retry_after_s = math.ceil(decision.retry_after_ms / 1000)
         headers = {
             **self._quota_headers(decision),
@@ -404,8 +407,15 @@ class FakeAzureOpenAI:
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
 
+    @property
+    def _request_stats(self) -> OpenAIStats:
+        """The counters of the request being answered: those current when it arrived. A request still
+        running when a test resets the fake (a killed worker's call, a hang) does not count in the next
+        test's."""
+        return _REQUEST_STATS.get(None) or self.stats
+
     def _count_success(self, prompt_tokens: int, completion_tokens: int) -> None:
-        stats = self.stats
+        stats = self._request_stats
         stats.successes += 1
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
