@@ -448,14 +448,19 @@ class Pipeline:
         task.add_done_callback(pending.discard)
         return True
 
-    async def _close_unit(self, unit: ClaimedUnit, writer: UnitWriter, complete: bool, items: int) -> None:
+    async def _close_unit(
+        self, unit: ClaimedUnit, writer: UnitWriter, complete: bool, items: int, *, pending_ok: bool = False
+    ) -> None:
+        """Mark a complete unit done, else release it. An incomplete unit is work left, unless
+        `pending_ok` (the batch backend: its items wait in live batches) and nothing failed to be written."""
         try:
             if complete:
                 await unit.finish(items)
                 self._stats.units_done += 1
                 log.info("unit.done", items=items)
             else:
-                self.work_remains = True
+                if not pending_ok or writer.failed is not None:
+                    self.work_remains = True
                 await unit.release()
                 if isinstance(writer.failed, LeaseLost):
                     log.warning("unit.lease_lost")

@@ -15,7 +15,7 @@ import pytest
 
 from tests.stack.ratelimit import SlidingWindowLimiter
 from worker.errors import DeploymentDown
-from worker.health import Health
+from worker.health import PROBE_FIRST_SECONDS, Health
 from worker.pool import DeploymentConfig, Router
 from worker.ratelimit import Budgets, RateBudget
 
@@ -168,7 +168,7 @@ def test_an_open_circuit_is_passed_over_until_its_probe_is_due() -> None:
             a.circuit.failed(False, "http_503")
         assert a.circuit.is_open
         assert (await pool.choose(route, 10)) == (b, False)
-        await asyncio.sleep(1.0)  # PROBE_FIRST_SECONDS
+        await asyncio.sleep(PROBE_FIRST_SECONDS)  # virtual time: the first probe falls due
         assert (await pool.choose(route, 10)) == (a, True)
         assert (await pool.choose(route, 10)) == (b, False)  # one probe at a time
 

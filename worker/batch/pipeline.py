@@ -125,26 +125,7 @@ class BatchPipeline(Pipeline):
             with contextlib.suppress(Exception):
                 await writer.close()
             complete = complete and writer.failed is None and writer.unwritten == 0
-            if writer.failed is not None:
-                self.work_remains = True
-                log.warning(
-                    "unit.write_failed", error=type(writer.failed).__name__, detail=str(writer.failed)[:300]
-                )
-            await self._close_batch_unit(unit, complete, items)
-
-    async def _close_batch_unit(self, unit: ClaimedUnit, complete: bool, items: int) -> None:
-        try:
-            if complete:
-                await unit.finish(items)
-                self._stats.units_done += 1
-                log.info("unit.done", items=items)
-            else:
-                await unit.release()
-        except ConfigError as error:
-            self._fail(error)
-        except Exception as exc:  # noqa: BLE001 - the results are written; the marker is retried next run
-            self.work_remains = True
-            log.warning("unit.close_failed", error=type(exc).__name__, detail=str(exc)[:300])
+            await self._close_unit(unit, writer, complete, items, pending_ok=True)
 
     async def _batch_unit(self, file: SourceFile, unit: ClaimedUnit, writer: UnitWriter) -> tuple[bool, int]:
         """Collect, then submit; (whether every item has a record, the number of items)."""
