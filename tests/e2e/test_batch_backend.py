@@ -514,3 +514,30 @@ def test_a_create_that_failed_without_a_batch_is_submitted_again_once(stack: Loc
     assert any(event["event"] == "batch.never_created" for event in second.events)
     assert stack.openai.batches()["stats"]["creates"] == 1
     assert set(once_each(results(stack, sink))) == {"u0", "u1"}
+
+
+def test_storage_refusing_the_collected_lines_exits_2_naming_the_role_and_the_fixed_rerun_collects(
+    stack: LocalStack,
+) -> None:
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    upload(stack, source, {"r.jsonl": b"\n".join(batch_line(f"r{i}", f"role {i}") for i in range(3))})
+    with stack.storage_proxy().running() as proxy:
+        through_proxy = f"https://127.0.0.1:{proxy.port}/devstoreaccount1/{sink}"
+        args = ("--source", stack.blob_url(source), "--sink", through_proxy, *BATCH)
+        stack.openai.configure_batches(hold=True)
+        submitted = run_worker(stack, *args)
+        assert submitted.code == 0, submitted.stdout[-3000:]
+        stack.openai.configure_batches(hold=False)
+        wait_for_batches(stack, finished=1)
+
+        proxy.deny_appends = True  # the sink's role assignment was removed before the collect
+        refused = run_worker(stack, *args)
+        assert refused.code == 2, refused.stdout[-3000:]
+        assert proxy.appends_denied >= 1
+        assert "Storage Blob Data Contributor" in refused.summary["error"]
+
+        proxy.deny_appends = False
+        fixed = run_worker(stack, *args)
+    assert fixed.code == 0, fixed.stdout[-3000:]
+    assert set(once_each(results(stack, sink))) == {"r0", "r1", "r2"}
+    assert stack.openai.batches()["stats"]["creates"] == 1  # collected, never submitted again
