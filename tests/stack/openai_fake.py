@@ -75,7 +75,13 @@ class OpenAIConfig:
     force_429_remaining: int = UNLIMITED_REMAINING
     """x-ratelimit-remaining-tokens and -requests of a forced 429 (0: the window is full)."""
     rate_headers: bool = True
-    """Send x-ratelimit-* headers; False answers as behind a gateway that strips them."""
+    """Send x-ratelimit-* headers; False answers as behind a gateway that strips them (429s keep their
+    retry-after)."""
+    token_window_s: float = 10.0
+    """The window tokens are counted over, and x-ratelimit-remaining-tokens counts: 10 (Azure: tpm/6 per
+    10 s) or 60 (the public aoai-api-simulator: tpm per 60 s). Requests stay rpm/6 per 10 s."""
+    retry_after_ms: bool = True
+    """Send retry-after-ms on a 429; False sends only retry-after in whole seconds (as the simulator)."""
 
 
 @dataclass
@@ -324,18 +330,18 @@ class FakeAzureOpenAI:
             decision = Decision(False, remaining, remaining, retry_after_ms, "tokens")
         else:
             limiter = self._limiters.get(deployment)
-            if limiter is None:
-                limiter = self._limiters[deployment] = SlidingWindowLimiter()
+            if limiter is None or limiter.token_window_s != config.token_window_s:
+                limiter = self._limiters[deployment] = SlidingWindowLimiter(
+                    token_window_s=config.token_window_s
+                )
             decision = limiter.acquire(cost, rpm=config.rpm, tpm=config.tpm, now=time.monotonic())
             if decision.admitted:
                 return decision
         self.stats.throttled += 1
         retry_after_s = math.ceil(decision.retry_after_ms / 1000)
-        headers = {
-            **self._quota_headers(decision),
-            "retry-after-ms": str(decision.retry_after_ms),
-            "retry-after": str(retry_after_s),
-        }
+        headers = {**self._quota_headers(decision), "retry-after": str(retry_after_s)}
+        if config.retry_after_ms:
+            headers["retry-after-ms"] = str(decision.retry_after_ms)
         raise _Reply(
             429, bodies.rate_limited_429(operation, api_version, decision.limit, retry_after_s), headers
         )
