@@ -149,6 +149,7 @@ def _pipeline(
         stats=stats,
         exclude=overlap_filter(source_at, sink_at),
         on_progress=on_progress,
+        window=budgets.window,
     )
 
 

@@ -747,6 +747,13 @@ class Budgets:
             )
         return budget
 
+    def window(self) -> int:
+        """Requests the budgets let in flight now, over every deployment (before any call: the first
+        window of one)."""
+        if not self._by_deployment:
+            return min(INITIAL_WINDOW, max(1, self._concurrency or DEFAULT_MAX_WINDOW))
+        return sum(budget.window_limit() for budget in self._by_deployment.values())
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per deployment: configured/learned/paced limits, window, latency, 429s."""
         return {name: budget.snapshot() for name, budget in self._by_deployment.items()}

@@ -103,10 +103,12 @@ class OpenAIStats:
     first_request_at: float | None = None
     last_request_at: float | None = None
     tokens_by_second: Counter[int] = field(default_factory=Counter)
+    successes_by_second: Counter[int] = field(default_factory=Counter)
     answered: set[str] = field(default_factory=set)
 
     def as_json(self) -> dict[str, Any]:
-        """Stats as JSON; times are Unix epoch seconds, tokens_by_second maps epoch second -> tokens."""
+        """Stats as JSON; times are Unix epoch seconds, tokens_by_second maps epoch second -> tokens
+        (successes_by_second -> successful answers)."""
         return {
             "requests": self.requests,
             "by_status": dict(self.by_status),
@@ -123,6 +125,7 @@ class OpenAIStats:
             "first_request_at": self.first_request_at,
             "last_request_at": self.last_request_at,
             "tokens_by_second": {str(second): n for second, n in sorted(self.tokens_by_second.items())},
+            "successes_by_second": {str(second): n for second, n in sorted(self.successes_by_second.items())},
         }
 
 
@@ -371,7 +374,9 @@ class FakeAzureOpenAI:
         stats.successes += 1
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
-        stats.tokens_by_second[int(time.time())] += prompt_tokens + completion_tokens
+        second = int(time.time())
+        stats.tokens_by_second[second] += prompt_tokens + completion_tokens
+        stats.successes_by_second[second] += 1
 
     # ---- admin ------------------------------------------------------------------------------------
 
