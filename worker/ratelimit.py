@@ -12,10 +12,11 @@ What the budget does, per deployment and per dimension (tokens, requests):
   the server has left plus what this process itself sent in the window it counts is the capacity
   available to us (the median of the last few samples, lowered at once, raised over `LEARN_SECONDS`: it
   shrinks when another replica shares the quota). Over 10 s that is `(remaining + own 10 s usage) × 6` a
-  minute; over 60 s, `remaining + own 60 s usage`. The window is told from the data, per dimension
-  (`Dimension._tell_window`): when this process's usage ages past 10 s, a 10 s `remaining` gives it back
-  and a 60 s one does not; a 429 asking to wait more than 10 s also says a minute. Until it is told, the
-  lower reading (the higher one would overrun a minute-long window sixfold). A 429's `remaining` only
+  minute; over 60 s, `remaining + own 60 s usage`. Which one is told per dimension: when this process's
+  usage ages past 10 s, a 10 s `remaining` gives it back (`Dimension._tell_window`); a 429 asking to
+  wait more than 10 s says a minute. Until then, the lower reading (the higher one would overrun a
+  minute-long window sixfold). What remains is claimed whole by a process alone, half of it when others
+  use the quota too (`SHARED_CLAIM`), so that replicas do not all grab the same headroom at once. A 429's `remaining` only
   says the window is full now, so it teaches nothing. An `x-ratelimit-limit-*` header above 0, on any
   answer, is taken as the per-minute limit.
 - **Pacing.** Requests are spaced at the limit's rate (≤ 1 s of burst) and a log of what was sent
@@ -24,7 +25,7 @@ What the budget does, per deployment and per dimension (tokens, requests):
   over 10 s windows never overruns a 60 s window either.)
 - **AIMD on the rate.** A 429 is a signal the limit is lower than assumed (unknown, misconfigured,
   shared): the rate is cut to `DECREASE_FACTOR` × what was actually sent (× the limit when nothing was
-  sent lately) and regained linearly, per second by `INCREASE_PER_SECOND` of the known limit. With no
+  sent lately) and regained linearly, back to the known limit within `KNOWN_RECOVER_SECONDS`. With no
   limit known (a gateway strips the headers), what the last 10 s held when the 429 came is remembered as
   the ceiling: the cut is to `CEILING_DECREASE_FACTOR` of it, the rate returns to `PROBE_FRACTION` of it
   within `RECOVER_SECONDS`, then probes beyond it by `PROBE_PER_SECOND` of it a second until the next 429
@@ -60,8 +61,14 @@ GUARD_SECONDS = 0.1  # the client-side window is this much longer than Azure's (
 # a difference in client-to-server delay of up to 100 ms between two requests 10 s apart
 BURST_SECONDS = 1.0  # pacing lets through at most this much of the rate at once
 DECREASE_FACTOR = 0.9  # a 429 cuts the rate to this fraction of what was being sent
-INCREASE_PER_SECOND = 0.01  # then it grows per second by this fraction of the known limit (else the cut rate)
+KNOWN_RECOVER_SECONDS = 10.0  # then it returns linearly to the known limit in this time
+INCREASE_PER_SECOND = (
+    0.03  # with no known limit nor ceiling, it grows per second by this fraction of the cut rate
+)
 LEARN_SAMPLES = 9  # the learned capacity is the median of the last few header samples
+PEAK_SECONDS = 300.0  # the most capacity ever seen fades with this time constant
+SHARE_QUANTUM = 0.1  # others' use below this fraction of the capacity is noise
+SHARED_CLAIM = 0.5  # the part of what remains a process claims when others use the quota too
 MINUTE_SECONDS = 60.0  # some servers (and gateways, simulators) count remaining-* over a 60 s window
 SHAPE_SAMPLES = 64  # header samples kept to tell which window `remaining` counts
 SHAPE_EVIDENCE = 0.1  # own usage aged out of 10 s, as a fraction of the 10 s capacity, needed to decide
@@ -69,10 +76,10 @@ CEILING_DECREASE_FACTOR = 0.9  # without a known limit, the cut below the rate a
 RECOVER_SECONDS = 3.0  # without a known limit, a cut rate returns to near the last 429's rate this fast
 PROBE_FRACTION = 0.97  # ... to this fraction of it,
 PROBE_PER_SECOND = 0.003  # then probes beyond it by this fraction of it per second
-LEARN_SECONDS = 20.0  # and rises toward a higher estimate with this time constant
+LEARN_SECONDS = 5.0  # and rises toward a higher estimate with this time constant
 MIN_REQUESTS_PER_MINUTE = 6.0  # Azure's smallest deployment (1K TPM) allows 6 RPM
 MAX_ESTIMATE = 2**31  # a request's estimated cost never exceeds this many tokens
-INITIAL_WINDOW = 16
+INITIAL_WINDOW = 8
 MIN_WINDOW = 2
 WINDOW_DECREASE = 0.5
 LATENCY_HEADROOM = 2.0
@@ -182,6 +189,8 @@ class Dimension:
         self._shapes: deque[tuple[float, float, float]] = deque(maxlen=SHAPE_SAMPLES)  # see _tell_window
         self.counts: float | None = None  # the window `remaining` counts (10 or 60 s); None = not known yet
         self._minute_reading: float | None = None  # the last sample read as counting a minute
+        self._peaks: list[float | None] = [None, None]  # the most capacity seen, per reading (10 s, 60 s)
+        self._peaks_at = [0.0, 0.0]
         self._learned_at = -math.inf
         self.recent_total = 0.0
         self._old_total = 0.0
@@ -210,8 +219,10 @@ class Dimension:
             if elapsed < RECOVER_SECONDS:
                 return base + (target - base) * elapsed / RECOVER_SECONDS
             return target + PROBE_PER_SECOND * self._ceiling * (elapsed - RECOVER_SECONDS)
-        growth = INCREASE_PER_SECOND * (known if known is not None else base)
-        cap = base + growth * elapsed
+        if known is not None:  # back to the known limit within KNOWN_RECOVER_SECONDS, however deep the cut
+            cap = base + max(0.0, known - base) * elapsed / KNOWN_RECOVER_SECONDS
+        else:
+            cap = base + INCREASE_PER_SECOND * base * elapsed
         if known is not None and cap >= known:
             self._aimd_base = None
             return known
@@ -228,7 +239,10 @@ class Dimension:
         capacity = self._capacity(now)
         if capacity is None:
             return start
-        start = max(start, self._tat - BURST_SECONDS)
+        # The pace's schedule, but never more than one request's spacing at the current pace after the last
+        # start: a backlog scheduled while the pace was low does not outlive it.
+        spacing = min(cost, capacity) * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
+        start = max(start, min(self._tat - BURST_SECONDS, self._last + spacing))
         self._advance(start)
         excess = self.recent_total + self._old_total + min(cost, capacity) - capacity
         if excess > 0:
@@ -241,7 +255,8 @@ class Dimension:
         capacity = self._capacity(now)
         if capacity is not None:
             cost = min(cost, capacity)
-            self._tat = max(self._tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
+            tat = min(self._tat, start + BURST_SECONDS)  # see plan
+            self._tat = max(tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
         entry = [start, cost]
         self._recent.append(entry)
         self._minute.append(entry)
@@ -315,8 +330,10 @@ class Dimension:
             return
         if remaining is None or self._learned_from_limit_header:
             return
-        ten = (remaining + usage[0]) * WINDOW_FRACTION
-        minute = remaining + usage[1]
+        # What is left is shared with the others who use the quota (else every replica claims all of it
+        # at once and together they overrun it).
+        ten = (usage[0] + remaining * self._share(0, remaining + usage[0], now)) * WINDOW_FRACTION
+        minute = usage[1] + remaining * self._share(1, remaining + usage[1], now)
         self._minute_reading = max(floor, minute)
         told_before = self.counts
         self._tell_window(remaining + usage[0], usage[1] - usage[0], usage[0], floor)
@@ -336,6 +353,19 @@ class Dimension:
         else:
             self.learned += (estimate - self.learned) * min(1.0, (now - self._learned_at) / LEARN_SECONDS)
         self._learned_at = now
+
+    def _share(self, reading: int, capacity: float, now: float) -> float:
+        """How much of what remains this process claims: all of it alone, `SHARED_CLAIM` of it when
+        others use the quota too (each claims the same part, whatever it uses: additive, hence fair).
+        Others' usage is the most capacity ever seen (fading over `PEAK_SECONDS`: a quota can shrink)
+        less the capacity left to this process now; below `SHARE_QUANTUM` of it, noise."""
+        peak = self._peaks[reading]
+        if peak is not None:
+            peak *= math.exp(-max(0.0, now - self._peaks_at[reading]) / PEAK_SECONDS)
+        peak = capacity if peak is None or capacity > peak else peak
+        self._peaks[reading] = peak
+        self._peaks_at[reading] = now
+        return SHARED_CLAIM if peak - capacity > SHARE_QUANTUM * peak else 1.0
 
     def counts_a_minute(self) -> None:
         """A 429 asked to wait longer than a 10 s window could make it: `remaining` counts a minute."""
@@ -358,7 +388,10 @@ class Dimension:
         grows; over a minute it falls by as much as `aged` grew (and by what others' minute usage grew).
         Compared with the latest sample of least `aged` among the recent ones, once `aged` grew by a clear
         margin (`SHAPE_EVIDENCE` of the capacity, and more than a few requests): a fall of `ten` by less
-        than half of that growth says 10 s, else a minute. A `remaining` that does not go down as this
+        than a quarter of that growth says 10 s. A fall says a minute only if no one else started to use
+        the quota meanwhile, which the data cannot tell: a minute is left to the lower reading (which is
+        the minute reading over a minute) and to a 429 asking to wait more than 10 s
+        (`counts_a_minute`). Replicas sharing a 10 s window misread as a minute starve each other. A `remaining` that does not go down as this
         process sends (`ten` rising with `sent`) does not count this process at all (a quota far larger
         than its use): the larger reading, 10 s, is as good as any.
         """
@@ -369,11 +402,8 @@ class Dimension:
         requests = floor / MIN_REQUESTS_PER_MINUTE  # the mean cost of a request in this dimension
         grown = aged - reference_aged
         if grown > 0 and grown >= max(3.0 * requests, SHAPE_EVIDENCE * max(reference_ten, ten)):
-            fall = reference_ten - ten
-            if fall < grown / 4:
+            if reference_ten - ten < grown / 4:
                 self.counts = WINDOW_SECONDS
-            elif fall > grown / 2:
-                self.counts = MINUTE_SECONDS
             return
         more = sent - reference_sent
         if more >= 10.0 * requests and ten - reference_ten >= more / 2:
