@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {
     "overhead_ratio",
@@ -15,7 +17,10 @@ FIGURES = {
     "rss_ratio",
     "naive_quota_utilisation",
     "naive_throttled_ratio",
+    "pool2_utilisation",
+    "pool2_throttled_ratio",
 }
+CASES = {"longlat", "replicas3", "noheaders"}  # each a JSON object of its own figures
 
 
 def test_bench_smoke_run_prints_every_figure_as_its_last_line() -> None:
@@ -42,4 +47,11 @@ def test_bench_smoke_run_prints_every_figure_as_its_last_line() -> None:
     for name in FIGURES:
         value = figures[name]
         assert type(value) in (int, float) and math.isfinite(value), f"{name}: {value!r}"
+    assert set(figures) >= CASES, CASES - set(figures)
+    for case in CASES:
+        for name in ("quota_utilisation", "throttled_ratio"):
+            value = figures[case][name]
+            assert type(value) in (int, float) and math.isfinite(value), f"{case}.{name}: {value!r}"
+    shares = figures["replicas3"]["shares"]
+    assert len(shares) == 3 and sum(shares) == pytest.approx(1.0, abs=0.01), shares
     assert any(line.split() == ["phase", "measure", "value"] for line in table), "the table is printed too"

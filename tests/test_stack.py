@@ -322,6 +322,35 @@ async def test_sliding_window_quota(stack: LocalStack) -> None:
     assert "exceeded token rate limit" in token_limited.value.response.json()["error"]["message"]
 
 
+async def test_a_minute_long_token_window_and_stripped_rate_headers(stack: LocalStack) -> None:
+    # The public simulator's semantics: tokens over 60 s, remaining-tokens counting them, retry-after only.
+    stack.openai.configure(tpm=600, token_window_s=60, retry_after_ms=False)
+    async with azure_openai(stack, api_key=stack.openai_api_key) as client:
+        first = await client.chat.completions.with_raw_response.create(
+            model=stack.deployment, messages=ask("four"), max_tokens=90
+        )
+        # What is left of a minute's 600 tokens after one request of ~94 (a 10 s window holds only 100).
+        assert 500 <= int(first.headers["x-ratelimit-remaining-tokens"]) < 600 - 90
+        for text in ("five", "six", "seven", "eight", "nine"):
+            await client.chat.completions.create(model=stack.deployment, messages=ask(text), max_tokens=90)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model=stack.deployment, messages=ask("ten"), max_tokens=90)
+    headers = caught.value.response.headers
+    assert "retry-after-ms" not in headers
+    assert 10 < int(headers["retry-after"]) <= 60  # until the minute frees: longer than any 10 s window
+    stack.openai.reset()
+    stack.openai.configure(rpm=6, rate_headers=False)  # behind a gateway that strips x-ratelimit-*
+    async with azure_openai(stack, api_key=stack.openai_api_key) as client:
+        answer = await client.chat.completions.with_raw_response.create(
+            model=stack.deployment, messages=ask("a")
+        )
+        with pytest.raises(openai.RateLimitError) as stripped:
+            await client.chat.completions.create(model=stack.deployment, messages=ask("b"))
+    assert not [name for name in answer.headers if name.startswith("x-ratelimit-")]
+    assert not [name for name in stripped.value.response.headers if name.startswith("x-ratelimit-")]
+    assert int(stripped.value.response.headers["retry-after"]) >= 1
+
+
 async def test_content_filter_on_prompt_and_output(stack: LocalStack) -> None:
     async with azure_openai(stack, api_key=stack.openai_api_key) as client:
         with pytest.raises(openai.BadRequestError) as caught:

@@ -191,6 +191,7 @@ def _pipeline(
         stats=stats,
         exclude=overlap_filter(source_at, sink_at),
         on_progress=on_progress,
+        window=router.window,
     )
 
 

@@ -1,8 +1,11 @@
 """Source → requests → calls → sink, with bounded concurrency and flat memory.
 
-- Files are listed as a stream; at most `2 × concurrency` units (input files) are open at once.
+- Files are listed as a stream; a unit (input file) is opened only when the open ones cannot keep the
+  call slots busy, and never more than `2 × concurrency` at once.
 - A unit is claimed (lease/lock) before it is read; what its result file already holds is skipped.
-- Items are dispatched only when a call slot is free (`--concurrency`), so parsing never runs ahead.
+- Items are dispatched only when a call slot is free, so parsing never runs ahead. The call slots follow
+  the budgets' adaptive windows on requests in flight (`slots_for`: twice the window and a few more, for
+  answers being written and calls waiting to retry), never more than `--concurrency`.
 - Results are written by a per-unit group-commit writer: whatever finished while the previous append was
   in flight goes out in the next one, so a crash loses at most the in-flight calls and one batch.
 - A unit whose every item is recorded is marked complete and released.
@@ -36,6 +39,16 @@ log = structlog.get_logger("worker.pipeline")
 class PipelineLimits(InputLimits):
     concurrency: int
     lease_seconds: float
+
+
+SLOTS_PER_WINDOW = 2  # call slots per request the budgets let in flight ...
+EXTRA_SLOTS = 16  # ... and this many more
+
+
+def slots_for(window: int, concurrency: int) -> int:
+    """Call slots (calls in flight, waiting for their turn or to retry, answers not yet written) for a
+    budget window of `window` requests in flight, under the `concurrency` ceiling."""
+    return max(1, min(concurrency, SLOTS_PER_WINDOW * window + EXTRA_SLOTS))
 
 
 Release = Callable[[], None]
@@ -146,6 +159,7 @@ class Pipeline:
         stats: RunStats,
         exclude: Callable[[str], bool] = lambda _path: False,
         on_progress: Progress = lambda _done, _seen: None,
+        window: Callable[[], int] | None = None,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -154,7 +168,7 @@ class Pipeline:
         self._stats = stats
         self._exclude = exclude
         self._on_progress: Callable[[int], None] = lambda done: on_progress(done, stats.total)
-        self._slots = asyncio.Semaphore(limits.concurrency)
+        self._window = window or (lambda: limits.concurrency)  # requests the budgets let in flight now
         self._busy = 0  # slots held: calls in flight and answers not yet written
         self._wanting = 0  # units waiting for a call slot
         self._starting: dict[
@@ -187,8 +201,11 @@ class Pipeline:
 
     def _free_slot(self) -> None:
         self._busy -= 1
-        self._slots.release()
         self._capacity_changed()
+
+    def _slots(self) -> int:
+        """Call slots now: what the budgets' windows need, never more than `--concurrency`."""
+        return slots_for(self._window(), self._limits.concurrency)
 
     def stop_taking_work(self, reason: str) -> None:
         """Dispatch nothing more; calls in flight run to their end (no drain deadline)."""
@@ -226,7 +243,7 @@ class Pipeline:
                 await self._open_units.acquire()
                 await self._until_slots_go_unused()
                 single = formats.input_kind(file.path) != "batch"
-                self._starting[file.path] = 1 if single else self._limits.concurrency
+                self._starting[file.path] = 1 if single else self._slots()
                 task = asyncio.create_task(self._run_unit(file), name=f"unit:{file.path}")
                 units.add(task)
                 task.add_done_callback(units.discard)
@@ -246,7 +263,7 @@ class Pipeline:
         (a prompt or body file one, a .jsonl file all). So a replica takes only the files it can work on,
         and other replicas get their share."""
         while not self._stopping.is_set():
-            free = self._limits.concurrency - self._busy
+            free = self._slots() - self._busy
             if self._wanting == 0 and free > sum(self._starting.values()):
                 return
             self._capacity.clear()
@@ -432,7 +449,9 @@ class Pipeline:
         self._wanting += 1
         self._capacity_changed()
         try:
-            await self._slots.acquire()
+            while self._busy >= self._slots() and not self._stopping.is_set():
+                self._capacity.clear()
+                await self._capacity.wait()
         finally:
             self._wanting -= 1
             self._capacity_changed()

@@ -313,6 +313,10 @@ class Router:
     def any_verified(self) -> bool:
         return any(d.circuit.verified for d in self._deployments.values())
 
+    def window(self) -> int:
+        """Requests the deployments' budgets let in flight now, over all of them."""
+        return self._budgets.window()
+
     def route(self, target: str) -> Route:
         """What `target` reaches: the deployments serving it, else those of that name, else the
         deployment of that name at AZURE_OPENAI_ENDPOINT (as without a pool)."""

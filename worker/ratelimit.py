@@ -3,31 +3,42 @@ adaptive window on requests in flight.
 
 How Azure limits a deployment: it charges each request its estimated prompt tokens + max_tokens when the
 request arrives and admits at most a sixth of the per-minute quota (tokens and requests) in any 10 s
-window; `x-ratelimit-remaining-tokens`/`-requests` say what is left of that window.
+window; `x-ratelimit-remaining-tokens`/`-requests` say what is left of a window. Which window is not
+documented: other servers (Microsoft's public simulator, some gateways) count remaining tokens over 60 s.
 
 What the budget does, per deployment and per dimension (tokens, requests):
 
 - **Limit.** `--tpm/--rpm` when configured; else *learned* from the headers of successful answers: what
-  the server has left plus what this process itself sent in the window it counted (`remaining + own
-  usage`) is the window capacity available to us: the median of the last few samples, lowered at once,
-  raised over `LEARN_SECONDS` (it shrinks when another replica shares the quota). A 429's `remaining`
-  only says the window is full now, so it teaches nothing. An `x-ratelimit-limit-*` header above 0, on
-  any answer, is taken as the per-minute limit.
+  the server has left plus what this process itself sent in the window it counts is the capacity
+  available to us (the median of the last few samples, lowered at once, raised over `LEARN_SECONDS`: it
+  shrinks when another replica shares the quota). Over 10 s that is `(remaining + own 10 s usage) × 6` a
+  minute; over 60 s, `remaining + own 60 s usage`. Which one is told per dimension: when this process's
+  usage ages past 10 s, a 10 s `remaining` gives it back (`Dimension._tell_window`); a 429 asking to
+  wait more than 10 s says a minute. Until then, the lower reading (the higher one would overrun a
+  minute-long window sixfold). What remains is claimed whole by a process alone, half of it when others
+  use the quota too (`SHARED_CLAIM`), so that replicas do not all grab the same headroom at once. A 429's `remaining` only
+  says the window is full now, so it teaches nothing. An `x-ratelimit-limit-*` header above 0, on any
+  answer, is taken as the per-minute limit.
 - **Pacing.** Requests are spaced at the limit's rate (≤ 1 s of burst) and a log of what was sent
   mirrors Azure's sliding window, kept `GUARD_SECONDS` longer than Azure's so that network-delay jitter
-  cannot push a request into a full window: ~99 % of the quota, without 429s.
-- **AIMD.** A 429 is a signal the limit is lower than assumed (unknown, misconfigured, shared): the rate
-  is cut to `DECREASE_FACTOR` × what was actually sent (× the limit when nothing was sent lately) and
-  regained linearly, per second by `INCREASE_PER_SECOND` of the known limit (≈33 s from nothing back to
-  it), or of the cut rate when no limit is known (then without end, until the next 429). With no limit
-  known and nothing admitted lately (a first answer that is a 429) there is nothing to cut from: the rate
-  stays unpaced. The server's retry-after pauses the whole deployment (`pause`).
+  cannot push a request into a full window: ~99 % of the quota, without 429s. (Pacing a minute's quota
+  over 10 s windows never overruns a 60 s window either.)
+- **AIMD on the rate.** A 429 is a signal the limit is lower than assumed (unknown, misconfigured,
+  shared): the rate is cut to `DECREASE_FACTOR` × what was actually sent (× the limit when nothing was
+  sent lately) and regained linearly, back to the known limit within `KNOWN_RECOVER_SECONDS`. With no
+  limit known (a gateway strips the headers), what the last 10 s held when the 429 came is remembered as
+  the ceiling: the cut is to `CEILING_DECREASE_FACTOR` of it, the rate returns to `PROBE_FRACTION` of it
+  within `RECOVER_SECONDS`, then probes beyond it by `PROBE_PER_SECOND` of it a second until the next 429
+  sets a new ceiling. With no limit known and nothing admitted lately (a first answer that is a 429)
+  there is nothing to cut from: the rate stays unpaced. The server's retry-after pauses the whole
+  deployment (`pause`).
 - **Floors.** Neither a learned limit nor a cut goes below `MIN_REQUESTS_PER_MINUTE` requests a minute
   (in tokens: that many requests of the mean cost), so no answer can stop or starve a deployment.
-- **Window on requests in flight** (`admit`): grown by one per success (slow start), then by 1/window
-  (congestion avoidance), only while it is the binding limit; halved on a 429 (once per round trip);
-  never more than `LATENCY_HEADROOM` × the paced request rate × the observed latency (Little's law:
-  the concurrency the quota needs at this latency), nor the configured `--concurrency`.
+- **Window on requests in flight** (`admit`): Little's law, the paced request rate × the observed
+  latency × `LATENCY_HEADROOM` (+ `WINDOW_SLACK`), recomputed on every answer and 429, so that it follows
+  a cut or a recovery of the rate at once (at 10-30 s latency, one more request per round trip would take
+  minutes). Before a rate and a latency are known (unpaced), a slow-start window: it doubles every round
+  trip while full, and halves on a 429. Never more than `max_window` (`--concurrency`).
 
 Every decision reads the injected clock, so the behaviour is unit-tested on a fake one.
 """
@@ -49,16 +60,30 @@ WINDOW_SECONDS = 10.0
 GUARD_SECONDS = 0.1  # the client-side window is this much longer than Azure's (1 % of the quota): it absorbs
 # a difference in client-to-server delay of up to 100 ms between two requests 10 s apart
 BURST_SECONDS = 1.0  # pacing lets through at most this much of the rate at once
-DECREASE_FACTOR = 0.7  # a 429 cuts the rate to this fraction of what was being sent
-INCREASE_PER_SECOND = 0.03  # then it grows per second by this fraction of the known limit (else the cut rate)
+DECREASE_FACTOR = 0.9  # a 429 cuts the rate to this fraction of what was being sent
+KNOWN_RECOVER_SECONDS = 10.0  # then it returns linearly to the known limit in this time
+INCREASE_PER_SECOND = (
+    0.03  # with no known limit nor ceiling, it grows per second by this fraction of the cut rate
+)
 LEARN_SAMPLES = 9  # the learned capacity is the median of the last few header samples
-LEARN_SECONDS = 20.0  # and rises toward a higher estimate with this time constant
+PEAK_SECONDS = 300.0  # the most capacity ever seen fades with this time constant
+SHARE_QUANTUM = 0.1  # others' use below this fraction of the capacity is noise
+SHARED_CLAIM = 0.5  # the part of what remains a process claims when others use the quota too
+MINUTE_SECONDS = 60.0  # some servers (and gateways, simulators) count remaining-* over a 60 s window
+SHAPE_SAMPLES = 64  # header samples kept to tell which window `remaining` counts
+SHAPE_EVIDENCE = 0.1  # own usage aged out of 10 s, as a fraction of the 10 s capacity, needed to decide
+CEILING_DECREASE_FACTOR = 0.9  # without a known limit, the cut below the rate a 429 came at
+RECOVER_SECONDS = 3.0  # without a known limit, a cut rate returns to near the last 429's rate this fast
+PROBE_FRACTION = 0.97  # ... to this fraction of it,
+PROBE_PER_SECOND = 0.003  # then probes beyond it by this fraction of it per second
+LEARN_SECONDS = 5.0  # and rises toward a higher estimate with this time constant
 MIN_REQUESTS_PER_MINUTE = 6.0  # Azure's smallest deployment (1K TPM) allows 6 RPM
 MAX_ESTIMATE = 2**31  # a request's estimated cost never exceeds this many tokens
-INITIAL_WINDOW = 16
+INITIAL_WINDOW = 8
 MIN_WINDOW = 2
 WINDOW_DECREASE = 0.5
 LATENCY_HEADROOM = 2.0
+WINDOW_SLACK = 1.0  # requests allowed in flight beyond what Little's law needs: the jitter of small numbers
 LATENCY_WEIGHT = 0.1
 DEFAULT_MAX_WINDOW = 4096
 
@@ -123,6 +148,14 @@ def _input_chars(value: object) -> int:
     return 0
 
 
+def _server_wait(headers: Mapping[str, str]) -> float | None:
+    """The seconds a 429 asks to wait: `retry-after-ms`, else `retry-after` in seconds; None = neither."""
+    milliseconds = _header_number(headers, "retry-after-ms")
+    if milliseconds is not None:
+        return milliseconds / 1000
+    return _header_number(headers, "retry-after")
+
+
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
     value = headers.get(name)
     if value is None:
@@ -138,7 +171,8 @@ class Dimension:
     """One quota dimension (tokens or requests) of a deployment: its limit, pacing and usage log.
 
     Limits are per minute. The log holds what was admitted (at its scheduled start) over the last
-    `WINDOW_SECONDS + GUARD_SECONDS`; `recent` is the part inside Azure's own window.
+    `WINDOW_SECONDS + GUARD_SECONDS`; `recent` is the part inside Azure's own window. A second log keeps
+    the last `MINUTE_SECONDS` (`minute_total`), to learn from servers whose `remaining` counts a minute.
     """
 
     def __init__(self, configured: float | None) -> None:
@@ -147,12 +181,20 @@ class Dimension:
         self._learned_from_limit_header = False
         self._aimd_base: float | None = None
         self._aimd_at = 0.0
+        self._ceiling: float | None = None  # no known limit: the rate the last 429 came at
         self._recent: deque[list[float]] = deque()  # [start, cost]
         self._old: deque[list[float]] = deque()
+        self._minute: deque[list[float]] = deque()  # the same entries, over MINUTE_SECONDS
         self._samples: deque[float] = deque(maxlen=LEARN_SAMPLES)
+        self._shapes: deque[tuple[float, float, float]] = deque(maxlen=SHAPE_SAMPLES)  # see _tell_window
+        self.counts: float | None = None  # the window `remaining` counts (10 or 60 s); None = not known yet
+        self._minute_reading: float | None = None  # the last sample read as counting a minute
+        self._peaks: list[float | None] = [None, None]  # the most capacity seen, per reading (10 s, 60 s)
+        self._peaks_at = [0.0, 0.0]
         self._learned_at = -math.inf
         self.recent_total = 0.0
         self._old_total = 0.0
+        self.minute_total = 0.0
         self._tat = -math.inf  # pacing: the theoretical time the next request may start
         self._last = -math.inf
         self._advanced = -math.inf
@@ -166,10 +208,21 @@ class Dimension:
     def limit(self, now: float) -> float | None:
         """The per-minute rate to pace at now: the known limit, or below it after a 429; None = unpaced."""
         known = self.known
-        if self._aimd_base is None:
+        base = self._aimd_base
+        if base is None:
             return known
-        growth = INCREASE_PER_SECOND * (known if known is not None else self._aimd_base)
-        cap = self._aimd_base + growth * max(0.0, now - self._aimd_at)
+        elapsed = max(0.0, now - self._aimd_at)
+        if known is None and self._ceiling is not None:
+            # No limit known: back to near the rate the last 429 came at within RECOVER_SECONDS, then
+            # probe beyond it gently (a 429 there sets a new, lower or higher, ceiling).
+            target = max(base, PROBE_FRACTION * self._ceiling)
+            if elapsed < RECOVER_SECONDS:
+                return base + (target - base) * elapsed / RECOVER_SECONDS
+            return target + PROBE_PER_SECOND * self._ceiling * (elapsed - RECOVER_SECONDS)
+        if known is not None:  # back to the known limit within KNOWN_RECOVER_SECONDS, however deep the cut
+            cap = base + max(0.0, known - base) * elapsed / KNOWN_RECOVER_SECONDS
+        else:
+            cap = base + INCREASE_PER_SECOND * base * elapsed
         if known is not None and cap >= known:
             self._aimd_base = None
             return known
@@ -186,7 +239,10 @@ class Dimension:
         capacity = self._capacity(now)
         if capacity is None:
             return start
-        start = max(start, self._tat - BURST_SECONDS)
+        # The pace's schedule, but never more than one request's spacing at the current pace after the last
+        # start: a backlog scheduled while the pace was low does not outlive it.
+        spacing = min(cost, capacity) * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
+        start = max(start, min(self._tat - BURST_SECONDS, self._last + spacing))
         self._advance(start)
         excess = self.recent_total + self._old_total + min(cost, capacity) - capacity
         if excess > 0:
@@ -199,10 +255,13 @@ class Dimension:
         capacity = self._capacity(now)
         if capacity is not None:
             cost = min(cost, capacity)
-            self._tat = max(self._tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
+            tat = min(self._tat, start + BURST_SECONDS)  # see plan
+            self._tat = max(tat, start) + cost * (WINDOW_SECONDS + GUARD_SECONDS) / capacity
         entry = [start, cost]
         self._recent.append(entry)
+        self._minute.append(entry)
         self.recent_total += cost
+        self.minute_total += cost
         self._last = start
         if self._first is None:
             self._first = start
@@ -215,6 +274,8 @@ class Dimension:
             self.recent_total -= cost
         elif at > self._advanced - WINDOW_SECONDS - GUARD_SECONDS:
             self._old_total -= cost
+        if at > self._advanced - MINUTE_SECONDS:
+            self.minute_total -= cost
         entry[1] = 0.0
 
     def _expiry_covering(self, excess: float) -> float:
@@ -228,7 +289,7 @@ class Dimension:
 
     def _advance(self, now: float) -> None:
         self._advanced = max(self._advanced, now)
-        recent, old = self._recent, self._old
+        recent, old, minute = self._recent, self._old, self._minute
         while recent and recent[0][0] <= now - WINDOW_SECONDS:
             entry = recent.popleft()
             self.recent_total -= entry[1]
@@ -236,20 +297,32 @@ class Dimension:
             self._old_total += entry[1]
         while old and old[0][0] <= now - WINDOW_SECONDS - GUARD_SECONDS:
             self._old_total -= old.popleft()[1]
+        while minute and minute[0][0] <= now - MINUTE_SECONDS:
+            self.minute_total -= minute.popleft()[1]
         if not recent:
             self.recent_total = 0.0  # no float drift
             if not old:
                 self._old_total = 0.0
+        if not minute:
+            self.minute_total = 0.0
 
     def learn(
-        self, remaining: float | None, limit: float | None, usage: float, now: float, floor: float
+        self,
+        remaining: float | None,
+        limit: float | None,
+        usage: tuple[float, float],
+        now: float,
+        floor: float,
     ) -> None:
-        """A response's headers: `limit` per minute if the server said it, else `remaining` in the window.
+        """A response's headers: `limit` per minute if the server said it, else `remaining` in its window.
 
-        `remaining + usage` is the window capacity left to this process: the deployment's, less what other
-        clients use. Neither is taken below `floor` per minute. A lower estimate applies at once; a higher one
-        is approached over LEARN_SECONDS, so that clients sharing a quota do not all grab the same headroom
-        at the same moment.
+        `usage` is what this process had sent, when the request was admitted, over the last 10 s and the
+        last minute. Which window `remaining` counts is told from the data (see `_tell_window`): over
+        10 s, `(remaining + 10 s usage) × 6` is the per-minute capacity left to this process; over a
+        minute, `remaining + minute usage` is. Until it is told, the lower of the two (the other would
+        overrun a minute-long window sixfold). Neither is taken below `floor` per minute. A lower estimate
+        applies at once; a higher one is approached over LEARN_SECONDS, so that clients sharing a quota do
+        not all grab the same headroom at the same moment.
         """
         if limit is not None and limit > 0:
             self.learned = max(floor, limit)
@@ -257,32 +330,111 @@ class Dimension:
             return
         if remaining is None or self._learned_from_limit_header:
             return
-        self._samples.append(max(floor, (remaining + usage) * WINDOW_FRACTION))
+        # What is left is shared with the others who use the quota (else every replica claims all of it
+        # at once and together they overrun it).
+        ten = (usage[0] + remaining * self._share(0, remaining + usage[0], now)) * WINDOW_FRACTION
+        minute = usage[1] + remaining * self._share(1, remaining + usage[1], now)
+        self._minute_reading = max(floor, minute)
+        told_before = self.counts
+        self._tell_window(remaining + usage[0], usage[1] - usage[0], usage[0], floor)
+        if self.counts == WINDOW_SECONDS:
+            sample = ten
+        elif self.counts == MINUTE_SECONDS:
+            sample = minute
+        else:
+            sample = min(ten, minute)
+        if self.counts != told_before:
+            self._samples.clear()  # what was learned under the other reading does not count
+        self._samples.append(max(floor, sample))
         ordered = sorted(self._samples)
         estimate = ordered[len(ordered) // 2]  # the median: robust to a sample off by a request in flight
-        if self.learned is None or estimate <= self.learned:
+        if self.learned is None or estimate <= self.learned or self.counts != told_before:
             self.learned = estimate
         else:
             self.learned += (estimate - self.learned) * min(1.0, (now - self._learned_at) / LEARN_SECONDS)
         self._learned_at = now
+
+    def _share(self, reading: int, capacity: float, now: float) -> float:
+        """How much of what remains this process claims: all of it alone, `SHARED_CLAIM` of it when
+        others use the quota too (each claims the same part, whatever it uses: additive, hence fair).
+        Others' usage is the most capacity ever seen (fading over `PEAK_SECONDS`: a quota can shrink)
+        less the capacity left to this process now; below `SHARE_QUANTUM` of it, noise."""
+        peak = self._peaks[reading]
+        if peak is not None:
+            peak *= math.exp(-max(0.0, now - self._peaks_at[reading]) / PEAK_SECONDS)
+        peak = capacity if peak is None or capacity > peak else peak
+        self._peaks[reading] = peak
+        self._peaks_at[reading] = now
+        return SHARED_CLAIM if peak - capacity > SHARE_QUANTUM * peak else 1.0
+
+    def counts_a_minute(self) -> None:
+        """A 429 asked to wait longer than a 10 s window could make it: `remaining` counts a minute."""
+        if self.counts == MINUTE_SECONDS:
+            return
+        self.counts = MINUTE_SECONDS
+        self._samples.clear()
+        if (
+            self._minute_reading is not None
+            and self.learned is not None
+            and not self._learned_from_limit_header
+        ):
+            self.learned = min(self.learned, self._minute_reading)
+
+    def _tell_window(self, ten: float, aged: float, sent: float, floor: float) -> None:
+        """Which window `remaining` counts, from how it moves as this process's usage ages past 10 s.
+
+        `ten` = remaining + own usage over 10 s; `aged` = own usage between 10 s and a minute ago; `sent`
+        = own usage over 10 s. Over a 10 s window `ten` stays put (less what others use) while `aged`
+        grows; over a minute it falls by as much as `aged` grew (and by what others' minute usage grew).
+        Compared with the latest sample of least `aged` among the recent ones, once `aged` grew by a clear
+        margin (`SHAPE_EVIDENCE` of the capacity, and more than a few requests): a fall of `ten` by less
+        than a quarter of that growth says 10 s. A fall says a minute only if no one else started to use
+        the quota meanwhile, which the data cannot tell: a minute is left to the lower reading (which is
+        the minute reading over a minute) and to a 429 asking to wait more than 10 s
+        (`counts_a_minute`). Replicas sharing a 10 s window misread as a minute starve each other. A `remaining` that does not go down as this
+        process sends (`ten` rising with `sent`) does not count this process at all (a quota far larger
+        than its use): the larger reading, 10 s, is as good as any.
+        """
+        shapes = self._shapes
+        shapes.append((ten, aged, sent))
+        # The latest of the least aged: the nearest in time, so that others' usage changed the least since.
+        reference_ten, reference_aged, reference_sent = min(reversed(shapes), key=lambda shape: shape[1])
+        requests = floor / MIN_REQUESTS_PER_MINUTE  # the mean cost of a request in this dimension
+        grown = aged - reference_aged
+        if grown > 0 and grown >= max(3.0 * requests, SHAPE_EVIDENCE * max(reference_ten, ten)):
+            if reference_ten - ten < grown / 4:
+                self.counts = WINDOW_SECONDS
+            return
+        more = sent - reference_sent
+        if more >= 10.0 * requests and ten - reference_ten >= more / 2:
+            self.counts = WINDOW_SECONDS
 
     def decrease(self, now: float, floor: float) -> None:
         """A 429: pace at DECREASE_FACTOR × min(current limit, what was actually sent lately), >= `floor`.
 
         When nothing was sent lately, the cut is from the current limit; with no limit either, there is
         nothing to cut from and the pace stays as it is (the server's retry-after pauses the deployment).
+        With no limit known, what the last 10 s held when the 429 came (× 6 a minute) is remembered as
+        the ceiling that `limit` returns to quickly and then probes beyond gently.
         """
         self._advance(max(now, self._last))
         elapsed = max(1.0, min(WINDOW_SECONDS, now - (self._first if self._first is not None else now)))
         sent = self.recent_total / elapsed * 60.0
         current = self.limit(now)
+        if self.known is None and self.recent_total > 0:
+            self._ceiling = max(floor, self.recent_total * WINDOW_FRACTION)
+            if current is not None:
+                current = min(current, self._ceiling)
         if sent > 0:
             base = sent if current is None else min(current, sent)
         elif current is not None:
             base = current
         else:
             return
-        self._aimd_base = max(floor, DECREASE_FACTOR * base)
+        factor = (
+            CEILING_DECREASE_FACTOR if self.known is None and self._ceiling is not None else DECREASE_FACTOR
+        )
+        self._aimd_base = max(floor, factor * base)
         self._aimd_at = now
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -292,6 +444,7 @@ class Dimension:
             "learned": None if self.learned is None else round(self.learned),
             "pacing": None if limit is None else round(limit),
             "backed_off": self._aimd_base is not None,
+            "remaining_counts_s": self.counts,
         }
 
 
@@ -315,6 +468,7 @@ class Permit:
         "full_mark",
         "tokens",
         "usage",
+        "usage_minute",
         "waited",
     )
 
@@ -324,6 +478,7 @@ class Permit:
         self.waited = 0.0
         self.admitted_at = 0.0
         self.usage = (0.0, 0.0)  # this process's (tokens, requests) in Azure's window when admitted
+        self.usage_minute = (0.0, 0.0)  # ... and over the last minute
         self.entries: tuple[list[float], list[float]] | None = None  # its place in the usage logs
         self.full_mark = 0  # see RateBudget._full_marks
         self._held = False
@@ -413,16 +568,19 @@ class RateBudget:
             self._pauses += 1
 
     def window_limit(self) -> int:
-        """Requests allowed in flight now: the AIMD window, capped by what the paced rate needs."""
-        return max(1, int(min(self.window, self._needed) + 1e-9))
+        """Requests allowed in flight now, at most `max_window`: what the paced rate needs at the observed
+        latency (Little's law) once both are known; before that, the slow-start window."""
+        needed = self._needed if self._needed < math.inf else self.window
+        return max(1, int(min(float(self.max_window), needed) + 1e-9))
 
     def _update_needed(self) -> None:
-        """Little's law: the paced request rate × latency, with headroom (recomputed on each answer)."""
+        """Little's law: the paced request rate × latency, with headroom (recomputed on each answer and
+        429, so that the window follows a cut or a recovery of the rate at once)."""
         self._needed = math.inf
         if self.latency is not None:
             rate = self._requests_per_second(self.clock.now())
             if rate is not None:
-                self._needed = max(MIN_WINDOW, LATENCY_HEADROOM * rate * self.latency + 1.0)
+                self._needed = max(MIN_WINDOW, LATENCY_HEADROOM * rate * self.latency + WINDOW_SLACK)
 
     def snapshot(self) -> dict[str, Any]:
         """What the budget knows now, for the manifest and the logs."""
@@ -456,6 +614,7 @@ class RateBudget:
             entries = (self.tokens.commit(tokens, start, now), self.requests.commit(1, start, now))
             permit.entries = entries
             permit.usage = (self.tokens.recent_total, self.requests.recent_total)
+            permit.usage_minute = (self.tokens.minute_total, self.requests.minute_total)
             if start > now:
                 try:
                     await clock.sleep(start - now)
@@ -529,8 +688,8 @@ class RateBudget:
         now = self.clock.now()
         floors = self._floors()
         for dimension, name, usage, floor in (
-            (self.tokens, "tokens", permit.usage[0], floors[0]),
-            (self.requests, "requests", permit.usage[1], floors[1]),
+            (self.tokens, "tokens", (permit.usage[0], permit.usage_minute[0]), floors[0]),
+            (self.requests, "requests", (permit.usage[1], permit.usage_minute[1]), floors[1]),
         ):
             dimension.learn(
                 None if refused else _header_number(headers, REMAINING_HEADERS[name]),
@@ -558,6 +717,10 @@ class RateBudget:
                 # Azure did not count the refused request: neither in what it says remains, nor here.
                 tokens, requests = permit.entries
                 permit.usage = (permit.usage[0] - tokens[1], permit.usage[1] - requests[1])
+                permit.usage_minute = (
+                    permit.usage_minute[0] - tokens[1],
+                    permit.usage_minute[1] - requests[1],
+                )
                 self.tokens.refund(tokens)
                 self.requests.refund(requests)
             self._observe(permit, permit._throttled_headers, refused=True)
@@ -577,6 +740,11 @@ class RateBudget:
 
     def _throttled(self, permit: Permit, now: float) -> None:
         self.throttled += 1
+        wait = _server_wait(permit._throttled_headers)
+        if wait is not None and WINDOW_SECONDS + 1.0 < wait <= MINUTE_SECONDS + 1.0:
+            # Only a window longer than 10 s makes a server ask to wait longer than 10 s (and less than
+            # an hour: a daily quota): tokens are counted over a minute.
+            self.tokens.counts_a_minute()
         if permit.admitted_at <= self._last_cut:
             return  # admitted before the last cut: that cut already answered this congestion
         self._last_cut = now
@@ -592,14 +760,17 @@ class RateBudget:
         """Seconds a request of `tokens` would wait for its turn if it asked now; 0 when it would go at
         once. Takes no place in the budget: the 429 pause, the pacing of both dimensions (`plan` only
         ages the usage logs to a moment a request would reach anyway) and, when the window on requests in
-        flight is full, the time the requests queued for a slot take to drain at one window per latency
-        (an unknown latency counts as a second)."""
+        flight is full, the time the requests queued for a slot take to drain at one window per latency.
+        Before the first answer (no latency yet) a full start-up window is not counted: it says nothing
+        of the deployment's budget, and a higher priority should not spill for it; a full --concurrency
+        ceiling is (an unknown latency counting as a second)."""
         now = self.clock.now()
         wait = max(0.0, self._paused_until - now)
         start = max(self.tokens.plan(tokens, now), self.requests.plan(1, now))
         wait = max(wait, start - now)
         limit = self.window_limit()
-        if self._waiters or self.in_flight >= limit:
+        known = self.latency is not None or limit >= self.max_window
+        if known and (self._waiters or self.in_flight >= limit):
             latency = self.latency if self.latency is not None else 1.0
             wait += latency * (1 + len(self._waiters)) / limit
         return wait
@@ -643,6 +814,13 @@ class Budgets:
             tpm=tpm, rpm=rpm, clock=self._clock, max_window=self._concurrency
         )
         return budget
+
+    def window(self) -> int:
+        """Requests the budgets let in flight now, over every deployment (before any call: the first
+        window of one)."""
+        if not self._by_deployment:
+            return min(INITIAL_WINDOW, max(1, self._concurrency or DEFAULT_MAX_WINDOW))
+        return sum(budget.window_limit() for budget in self._by_deployment.values())
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per deployment: configured/learned/paced limits, window, latency, 429s."""

@@ -101,7 +101,8 @@ OPTIONS: tuple[Option, ...] = (
         flag="--concurrency",
         env=("WORKER_CONCURRENCY",),
         job_key="limits.concurrency",
-        help="Azure OpenAI requests in flight at most.",
+        help="Azure OpenAI requests in flight at most: the ceiling of the adaptive window (paced rate × "
+        "latency), which does the work.",
     ),
     Option(
         name="job_file",
@@ -372,7 +373,7 @@ class Settings(BaseModel):
     deployment: str | None = None
     deployments: tuple[DeploymentConfig, ...] = ()
     auth: AuthMode = "auto"
-    concurrency: int = Field(default=32, ge=1, le=4096)
+    concurrency: int = Field(default=2048, ge=1, le=4096)
     request_timeout: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=100)
     tpm: int | None = Field(default=None, ge=1)

@@ -122,7 +122,7 @@ def test_429_with_retry_after_ms_is_waited_out(stack: LocalStack) -> None:
     assert answer_text(record) == "ECHO: throttle me"
     (limits,) = manifest(stack, sink, "", "throttled")["rate_limits"].values()  # one deployment
     assert limits["throttled"] == 2
-    assert set(limits["tpm"]) == {"configured", "learned", "pacing", "backed_off"}
+    assert set(limits["tpm"]) == {"configured", "learned", "pacing", "backed_off", "remaining_counts_s"}
     stats = stack.openai.stats()
     assert stats["by_status"] == {"429": 2, "200": 1}
     assert run.summary["throttled"] == 2

@@ -77,7 +77,13 @@ class OpenAIConfig:
     force_429_remaining: int = UNLIMITED_REMAINING
     """x-ratelimit-remaining-tokens and -requests of a forced 429 (0: the window is full)."""
     rate_headers: bool = True
-    """Send x-ratelimit-* headers; False answers as behind a gateway that strips them."""
+    """Send x-ratelimit-* headers; False answers as behind a gateway that strips them (429s keep their
+    retry-after)."""
+    token_window_s: float = 10.0
+    """The window tokens are counted over, and x-ratelimit-remaining-tokens counts: 10 (Azure: tpm/6 per
+    10 s) or 60 (the public aoai-api-simulator: tpm per 60 s). Requests stay rpm/6 per 10 s."""
+    retry_after_ms: bool = True
+    """Send retry-after-ms on a 429; False sends only retry-after in whole seconds (as the simulator)."""
     deployment_limits: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per deployment {"tpm": ..., "rpm": ...}: its own quota instead of `tpm`/`rpm` (a key left out: unlimited)."""
     outage_deployments: list[str] = field(default_factory=list)
@@ -105,6 +111,7 @@ class OpenAIStats:
     first_request_at: float | None = None
     last_request_at: float | None = None
     tokens_by_second: Counter[int] = field(default_factory=Counter)
+    successes_by_second: Counter[int] = field(default_factory=Counter)
     answered: set[str] = field(default_factory=set)
     by_host: Counter[str] = field(default_factory=Counter)
     """API requests by the host they were sent to (the Host header without its port): a second
@@ -115,7 +122,8 @@ class OpenAIStats:
     """"<deployment> <status>" -> the sequence number (1-based, over all API requests) of the first such answer."""
 
     def as_json(self) -> dict[str, Any]:
-        """Stats as JSON; times are Unix epoch seconds, tokens_by_second maps epoch second -> tokens."""
+        """Stats as JSON; times are Unix epoch seconds, tokens_by_second maps epoch second -> tokens
+        (successes_by_second -> successful answers)."""
         return {
             "requests": self.requests,
             "by_status": dict(self.by_status),
@@ -135,6 +143,7 @@ class OpenAIStats:
             "by_host": dict(self.by_host),
             "by_deployment_status": dict(self.by_deployment_status),
             "first_by_deployment_status": dict(self.first_by_deployment_status),
+            "successes_by_second": {str(second): n for second, n in sorted(self.successes_by_second.items())},
         }
 
 
@@ -367,8 +376,10 @@ class FakeAzureOpenAI:
             decision = Decision(False, remaining, remaining, retry_after_ms, "tokens")
         else:
             limiter = self._limiters.get(deployment)
-            if limiter is None:
-                limiter = self._limiters[deployment] = SlidingWindowLimiter()
+            if limiter is None or limiter.token_window_s != config.token_window_s:
+                limiter = self._limiters[deployment] = SlidingWindowLimiter(
+                    token_window_s=config.token_window_s
+                )
             rpm, tpm = config.rpm, config.tpm
             if deployment in config.deployment_limits:
                 rpm = config.deployment_limits[deployment].get("rpm")
@@ -378,11 +389,9 @@ class FakeAzureOpenAI:
                 return decision
         self._request_stats.throttled += 1
         retry_after_s = math.ceil(decision.retry_after_ms / 1000)
-        headers = {
-            **self._quota_headers(decision),
-            "retry-after-ms": str(decision.retry_after_ms),
-            "retry-after": str(retry_after_s),
-        }
+        headers = {**self._quota_headers(decision), "retry-after": str(retry_after_s)}
+        if config.retry_after_ms:
+            headers["retry-after-ms"] = str(decision.retry_after_ms)
         raise _Reply(
             429, bodies.rate_limited_429(operation, api_version, decision.limit, retry_after_s), headers
         )
@@ -419,7 +428,9 @@ class FakeAzureOpenAI:
         stats.successes += 1
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += completion_tokens
-        stats.tokens_by_second[int(time.time())] += prompt_tokens + completion_tokens
+        second = int(time.time())
+        stats.tokens_by_second[second] += prompt_tokens + completion_tokens
+        stats.successes_by_second[second] += 1
 
     # ---- admin ------------------------------------------------------------------------------------
 

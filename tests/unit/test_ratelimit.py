@@ -16,12 +16,18 @@ import pytest
 
 from tests.stack.ratelimit import SlidingWindowLimiter
 from worker.ratelimit import (
+    CEILING_DECREASE_FACTOR,
     DECREASE_FACTOR,
     GUARD_SECONDS,
     INITIAL_WINDOW,
+    LATENCY_HEADROOM,
     MAX_ESTIMATE,
     MIN_REQUESTS_PER_MINUTE,
     MIN_WINDOW,
+    PROBE_FRACTION,
+    PROBE_PER_SECOND,
+    RECOVER_SECONDS,
+    WINDOW_SLACK,
     Budgets,
     RateBudget,
     estimate_tokens,
@@ -222,19 +228,37 @@ def test_a_pause_announced_while_pacing_requeues_the_sleeper() -> None:
 # ---- learning from headers ------------------------------------------------------------------------
 
 
-def test_the_limit_is_learned_from_remaining_plus_own_usage() -> None:
+def test_until_the_window_is_told_the_limit_is_the_lower_reading_of_remaining_plus_own_usage() -> None:
     async def main() -> RateBudget:
         b = budget(tpm=None, rpm=None)
         for cost in (300, 200):
             async with b.admit(cost) as permit:
                 pass
-        # The server had seen both (500 tokens, 2 requests) and says 9,500 tokens / 98 requests remain.
+        # The server had seen both (500 tokens, 2 requests) and says 9,500 tokens / 98 requests remain:
+        # 60,000 a minute if that counts 10 s, 10,000 if it counts a minute. Both fit the data so far.
         permit.observe(headers(9_500, 98))
         return b
 
     b = run_virtual(main())
-    assert b.tokens.learned == 60_000
-    assert b.requests.learned == 600
+    assert b.tokens.counts is None
+    assert b.tokens.learned == 10_000
+    assert b.requests.learned == 100
+
+
+def test_remaining_that_comes_back_after_10_s_is_read_as_a_10_s_window() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        server = SlidingWindowLimiter()  # tokens over 10 s: 10,000 per window
+        for _ in range(40):  # 200 tokens every 0.5 s (24,000 a minute) for 20 s
+            async with b.admit(200) as permit:
+                decision = server.acquire(200, rpm=None, tpm=60_000, now=now())
+                permit.observe(headers(decision.remaining_tokens, decision.remaining_requests))
+            await asyncio.sleep(0.5)
+        return b
+
+    b = run_virtual(main())
+    assert b.tokens.counts == 10
+    assert b.tokens.learned == pytest.approx(60_000, rel=0.02)
 
 
 def test_a_refused_request_is_not_counted_as_sent() -> None:
@@ -246,8 +270,8 @@ def test_a_refused_request_is_not_counted_as_sent() -> None:
         return b
 
     b = run_virtual(main())
-    assert b.tokens.learned == 60_000
-    assert b.requests.learned == 99 * 6
+    assert b.tokens.learned == 10_000  # the lower reading: 9,800 remaining + 200 sent
+    assert b.requests.learned == 99
 
 
 def test_a_limit_header_is_taken_as_the_per_minute_limit() -> None:
@@ -304,8 +328,12 @@ def test_a_429_with_no_known_limit_cuts_the_rate_then_it_grows_back_linearly() -
         return seen
 
     cut, later = run_virtual(main())
-    assert cut == pytest.approx(DECREASE_FACTOR * 60_000, rel=0.02)
-    assert later == pytest.approx(cut * 1.3, rel=0.01)  # +3 % of the cut rate per second
+    # The last 10 s held 60,000 a minute when the 429 came: the ceiling, cut to 90 % of it
+    assert cut == pytest.approx(CEILING_DECREASE_FACTOR * 60_000, rel=0.02)
+    # ... back to 97 % of it in 3 s, then probing beyond it by 0.3 % of it a second
+    assert later == pytest.approx(
+        60_000 * (PROBE_FRACTION + PROBE_PER_SECOND * (10 - RECOVER_SECONDS)), rel=0.02
+    )
 
 
 def test_after_a_429_the_rate_returns_to_the_known_limit() -> None:
@@ -343,7 +371,8 @@ def test_a_first_429_saying_nothing_remains_does_not_teach_a_limit_of_zero() -> 
     assert len(starts) == 30
     assert b.tokens.learned is not None and b.tokens.learned >= 6 * 500
     assert b.requests.learned is not None and b.requests.learned >= MIN_REQUESTS_PER_MINUTE
-    assert starts[-1] - starts[0] < 30 * 0.1 + 10  # paced at what the successes taught, not at zero
+    # Paced at what the successes taught (at least 10,000 tokens a minute: 20 of these), not at zero.
+    assert starts[-1] - starts[0] < 30 * 0.1 + 90
 
 
 def test_a_429_saying_nothing_remains_after_successes_keeps_what_they_taught() -> None:
@@ -357,7 +386,7 @@ def test_a_429_saying_nothing_remains_after_successes_keeps_what_they_taught() -
         return before, b.tokens.learned
 
     before, after = run_virtual(main())
-    assert before == 60_000
+    assert before == 10_000
     assert after == before  # "nothing remains now" says the window is full, not how big it is
 
 
@@ -454,22 +483,57 @@ def test_concurrent_429s_cut_the_window_once() -> None:
     assert after_next == MIN_WINDOW  # half of the one request then in flight, floored
 
 
-def test_after_a_cut_the_window_grows_by_one_per_round_trip() -> None:
-    async def main() -> list[int]:
-        b = budget(tpm=None, rpm=None)
-        await asyncio.gather(*(throttle(b) for _ in range(INITIAL_WINDOW)))
-        sizes = []
+async def steady_load(b: RateBudget, latency: float, tasks: int, until: float) -> None:
+    """`tasks` tasks sending back to back, each answer after `latency` s, until virtual time `until`."""
 
-        async def one() -> None:
-            async with b.admit(10):
-                await asyncio.sleep(1)
+    async def one() -> None:
+        while now() < until:
+            async with b.admit(10) as permit:
+                await asyncio.sleep(latency)
+                permit.observe({})
 
-        for _ in range(3):
-            sizes.append(b.window_limit())
-            await asyncio.gather(*(one() for _ in range(b.window_limit())))
-        return sizes
+    await asyncio.gather(*(one() for _ in range(tasks)))
 
-    assert run_virtual(main()) == [8, 9, 10]
+
+def littles_law(b: RateBudget, rate_per_minute: float, latency: float) -> int:
+    return int(LATENCY_HEADROOM * rate_per_minute / 60 * latency + WINDOW_SLACK)
+
+
+def test_the_window_follows_the_paced_rate_times_latency_at_once() -> None:
+    async def main() -> tuple[int, int, float | None]:
+        b = budget(tpm=None, rpm=600, max_window=1024)  # 10 requests/s at 5 s: 50 in flight
+        load = asyncio.create_task(steady_load(b, 5.0, 200, until=60))
+        await asyncio.sleep(30)
+        before = b.window_limit()
+        await throttle(b, 10)  # the rate is cut: the window follows it, not half of what was in flight
+        after = b.window_limit()
+        cut = b.requests.limit(now())
+        await load
+        return before, after, cut
+
+    before, after, cut = run_virtual(main())
+    assert before == littles_law(budget(tpm=None, rpm=None), 600, 5.0)
+    assert cut == pytest.approx(DECREASE_FACTOR * 600, rel=0.05)
+    assert after == pytest.approx(LATENCY_HEADROOM * cut / 60 * 5.0 + WINDOW_SLACK, abs=1.5)
+
+
+def test_with_long_latency_the_window_recovers_within_a_few_round_trips_of_a_429() -> None:
+    async def main() -> tuple[int, int, int]:
+        b = budget(tpm=None, rpm=600, max_window=1024)  # 10 requests/s at 12 s: 120 in flight
+        load = asyncio.create_task(steady_load(b, 12.0, 400, until=200))
+        await asyncio.sleep(60)
+        full = b.window_limit()
+        await throttle(b, 10)
+        await asyncio.sleep(3 * 12)  # three round trips later
+        recovered = b.window_limit()
+        in_flight = b.in_flight
+        await load
+        return full, recovered, in_flight
+
+    full, recovered, in_flight = run_virtual(main())
+    # With one more request per round trip (AIMD on the window), 36 s would win back 3 of the ~120 lost.
+    assert recovered >= 0.95 * full
+    assert in_flight >= 0.9 * 120
 
 
 def test_the_window_needs_no_more_than_rate_times_latency() -> None:
@@ -559,19 +623,26 @@ def test_budgets_are_per_deployment_and_report_what_they_know() -> None:
 
 @dataclass
 class Simulation:
-    tpm: int
+    tpm: int | None
     replicas: list[RateBudget]
+    rpm: int | None = None
     prompts: int = 1200
     concurrency: int = 32
     send_headers: bool = True
+    token_window_s: float = 10.0  # 60: tokens over a minute, as the public simulator counts them
+    latency: float = 0.3  # seconds, plus latency_per_token × cost, plus up to `jitter`
+    latency_per_token: float = 0.002
+    jitter: float = 0.2
+    ramp: int = 10  # seconds left out at the start of the busy window
     seed: int = 7
     served: Counter[int] = field(default_factory=Counter)  # second -> tokens, as the fake counts them
+    served_requests: Counter[int] = field(default_factory=Counter)
     served_by_replica: Counter[int] = field(default_factory=Counter)
     requests: int = 0
     throttled: int = 0
 
     async def run(self) -> None:
-        limiter = SlidingWindowLimiter()
+        limiter = SlidingWindowLimiter(token_window_s=self.token_window_s)
         rng = random.Random(self.seed)
         costs = [rng.randint(100, 300) for _ in range(self.prompts)]
         queues = [costs[i :: len(self.replicas)] for i in range(len(self.replicas))]
@@ -583,7 +654,7 @@ class Simulation:
                     self.requests += 1
                     try:
                         async with budget.admit(cost) as permit:
-                            decision = limiter.acquire(cost, rpm=None, tpm=self.tpm, now=now())
+                            decision = limiter.acquire(cost, rpm=self.rpm, tpm=self.tpm, now=now())
                             response_headers = (
                                 headers(decision.remaining_tokens, decision.remaining_requests)
                                 if self.send_headers
@@ -592,13 +663,16 @@ class Simulation:
                             if not decision.admitted:
                                 permit.throttled(response_headers)
                                 raise Throttled(decision.retry_after_ms)
-                            await asyncio.sleep(0.3 + 0.002 * cost + rng.uniform(0, 0.2))
+                            await asyncio.sleep(
+                                self.latency + self.latency_per_token * cost + rng.uniform(0, self.jitter)
+                            )
                             permit.observe(response_headers)
                     except Throttled as exc:
                         self.throttled += 1
                         budget.pause(exc.retry_after_ms / 1000)
                         continue
                     self.served[int(now())] += cost
+                    self.served_requests[int(now())] += 1
                     self.served_by_replica[replica] += cost
                     break
 
@@ -611,10 +685,20 @@ class Simulation:
         )
 
     def utilisation(self) -> float:
-        """Served tokens per minute over the busy window (first 10 s and last 3 s left out) ÷ TPM."""
-        first, last = min(self.served), max(self.served)
-        busy = range(first + 10, last - 2)
-        return sum(self.served[s] for s in busy) / len(busy) * 60 / self.tpm
+        """Served tokens (or requests, when only RPM is limited) per minute over the busy window (the
+        first `ramp` seconds and the last 3 left out) ÷ the limit."""
+        served, limit = (self.served, self.tpm) if self.tpm else (self.served_requests, self.rpm)
+        assert limit
+        first, last = min(served), max(served)
+        busy = range(first + self.ramp, last - 2)
+        return sum(served[s] for s in busy) / len(busy) * 60 / limit
+
+    def throttled_ratio(self) -> float:
+        return self.throttled / self.requests
+
+    def shares(self) -> list[float]:
+        total = sum(self.served_by_replica.values())
+        return [self.served_by_replica[i] / total for i in range(len(self.replicas))]
 
 
 def simulate(simulation: Simulation) -> Simulation:
@@ -638,8 +722,52 @@ def test_with_no_headers_aimd_finds_the_limit() -> None:
     sim = simulate(
         Simulation(tpm=60_000, replicas=[budget(tpm=None, rpm=None, max_window=32)], send_headers=False)
     )
-    assert sim.utilisation() >= 0.7  # the sawtooth of AIMD, and an unpaced start
+    assert sim.utilisation() >= 0.85  # AIMD on the rate, back to near the last 429's rate at once
     assert sim.throttled / sim.requests <= 0.05
+
+
+def test_with_no_headers_an_rpm_bound_quota_is_reached() -> None:
+    b = budget(tpm=None, rpm=None, max_window=1024)
+    sim = simulate(
+        Simulation(tpm=None, rpm=600, replicas=[b], concurrency=200, prompts=1500, send_headers=False)
+    )
+    assert sim.utilisation() >= 0.85
+    assert sim.throttled_ratio() <= 0.05
+
+
+def test_headers_counting_a_minute_teach_the_true_limit_at_long_latency() -> None:
+    # The public simulator: tokens over 60 s, remaining-tokens counting them; 12 s answers.
+    b = budget(tpm=None, rpm=None, max_window=1024)
+    sim = simulate(
+        Simulation(
+            tpm=60_000,
+            replicas=[b],
+            concurrency=400,
+            prompts=1500,
+            token_window_s=60,
+            latency=11.0,
+            latency_per_token=0.005,
+            jitter=1.0,
+            ramp=20,
+        )
+    )
+    assert b.tokens.counts != 10  # never read as 10 s (the lower reading is the minute one)
+    assert b.tokens.learned == pytest.approx(60_000, rel=0.05)  # not (remaining + 10 s usage) × 6
+    assert sim.utilisation() >= 0.95
+    assert sim.throttled_ratio() <= 0.02
+
+
+@pytest.mark.parametrize("token_window_s", [10.0, 60.0])
+def test_three_replicas_share_one_deployment_without_a_429_storm(token_window_s: float) -> None:
+    replicas = [budget(tpm=None, rpm=None, max_window=1024) for _ in range(3)]
+    sim = simulate(
+        Simulation(
+            tpm=60_000, replicas=replicas, concurrency=300, prompts=2400, token_window_s=token_window_s
+        )
+    )
+    assert sim.utilisation() >= 0.8
+    assert sim.throttled_ratio() <= 0.03
+    assert min(sim.shares()) >= 0.3
 
 
 def test_two_replicas_share_a_quota() -> None:
