@@ -519,7 +519,9 @@ class Bench:
         succeeded = [summary.get("succeeded", 0) for summary in summaries]
         if sum(succeeded) != len(lines) or any(summary.get("exit_code") != 0 for summary in summaries):
             raise RuntimeError(f"replicas3: expected {len(lines)} successes in all, got {summaries}")
-        run = self.served(stack.openai.stats())
+        stats = stack.openai.stats()
+        (run_dir / "openai-stats.json").write_text(json.dumps(stats))  # the timeline, to look into
+        run = self.served(stats)
         run.update(
             {
                 "prompts": len(lines),

@@ -192,6 +192,7 @@ def _pipeline(
         exclude=overlap_filter(source_at, sink_at),
         on_progress=on_progress,
         window=router.window,
+        windows_full=router.windows_full,
     )
 
 

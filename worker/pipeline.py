@@ -160,6 +160,7 @@ class Pipeline:
         exclude: Callable[[str], bool] = lambda _path: False,
         on_progress: Progress = lambda _done, _seen: None,
         window: Callable[[], int] | None = None,
+        windows_full: Callable[[], bool] = lambda: False,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -169,6 +170,7 @@ class Pipeline:
         self._exclude = exclude
         self._on_progress: Callable[[int], None] = lambda done: on_progress(done, stats.total)
         self._window = window or (lambda: limits.concurrency)  # requests the budgets let in flight now
+        self._windows_full = windows_full  # ... and whether the work taken already fills them
         self._busy = 0  # slots held: calls in flight and answers not yet written
         self._wanting = 0  # units waiting for a call slot
         self._starting: dict[
@@ -259,12 +261,13 @@ class Pipeline:
 
     async def _until_slots_go_unused(self) -> None:
         """Open another unit only when the open ones cannot keep the call slots busy: none of them waits
-        for a slot, and more slots are free than the units still starting (claiming, reading) may take
-        (a prompt or body file one, a .jsonl file all). So a replica takes only the files it can work on,
-        and other replicas get their share."""
+        for a slot, more slots are free than the units still starting (claiming, reading) may take (a
+        prompt or body file one, a .jsonl file all), and the budgets' windows are not full (calls queued
+        for their turn at a deployment say the open units already keep it busy). So a replica takes only
+        the files it can work on, and other replicas get their share."""
         while not self._stopping.is_set():
             free = self._slots() - self._busy
-            if self._wanting == 0 and free > sum(self._starting.values()):
+            if self._wanting == 0 and free > sum(self._starting.values()) and not self._windows_full():
                 return
             self._capacity.clear()
             await self._capacity.wait()

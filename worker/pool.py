@@ -317,6 +317,10 @@ class Router:
         """Requests the deployments' budgets let in flight now, over all of them."""
         return self._budgets.window()
 
+    def windows_full(self) -> bool:
+        """Every request the deployments' budgets let in flight is taken (see `Budgets.full`)."""
+        return self._budgets.full()
+
     def route(self, target: str) -> Route:
         """What `target` reaches: the deployments serving it, else those of that name, else the
         deployment of that name at AZURE_OPENAI_ENDPOINT (as without a pool)."""

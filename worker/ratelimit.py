@@ -822,6 +822,15 @@ class Budgets:
             return min(INITIAL_WINDOW, max(1, self._concurrency or DEFAULT_MAX_WINDOW))
         return sum(budget.window_limit() for budget in self._by_deployment.values())
 
+    def full(self) -> bool:
+        """The budgets' windows hold as many requests as they let in flight (pacing or waiting for their
+        turn counts): the work already taken keeps them busy, and more would only queue."""
+        budgets = self._by_deployment.values()
+        if not budgets:
+            return False
+        taken = sum(budget.in_flight + len(budget._waiters) for budget in budgets)
+        return taken >= sum(budget.window_limit() for budget in budgets)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per deployment: configured/learned/paced limits, window, latency, 429s."""
         return {name: budget.snapshot() for name, budget in self._by_deployment.items()}

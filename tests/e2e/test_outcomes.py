@@ -7,8 +7,10 @@ fakes when an observed event says the run has reached the moment that matters.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -339,3 +341,31 @@ def test_three_replicas_started_at_once_each_take_a_share_of_the_files(stack: Lo
     assert_exactly_once(results(stack, sink), ids)
     assert all(run.summary["succeeded"] > 0 for run in runs), [run.summary for run in runs]
     assert sum(run.summary["requests"] for run in runs) <= len(ids) * 1.05
+
+
+def test_a_worker_whose_deployment_is_busy_claims_no_more_files(stack: LocalStack, tmp_path: Path) -> None:
+    """Files smaller than the call slots: the worker claims the next only when the calls it already has
+    no longer fill the deployment's window, not while they queue for their turn (else the first replica
+    started holds several files that others could work on)."""
+    source, sink = tmp_path / "source", tmp_path / "sink"
+    files, ids = batch_files(4, 10, "busy")
+    for name, data in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    stack.openai.configure(rpm=120)  # two requests a second once learned: every file takes seconds
+    process = start_worker(stack, "--source", str(source), "--sink", str(sink))
+    wait_for(stack, "successes", 12)  # the first file is done and the pace is learned
+
+    claimed = list((sink / "_state").rglob("*.lock"))
+    run = finish(process)
+
+    assert len(claimed) <= 2, claimed  # the file in work, and the next as the last calls finish
+    assert run.code == 0, run.stdout[-3000:]
+    assert_exactly_once(
+        [
+            json.loads(line)
+            for path in sorted(sink.rglob("*.results.jsonl"))
+            for line in path.read_text().splitlines()
+        ],
+        ids,
+    )
