@@ -391,22 +391,28 @@ class Dimension:
         than a quarter of that growth says 10 s. A fall says a minute only if no one else started to use
         the quota meanwhile, which the data cannot tell: a minute is left to the lower reading (which is
         the minute reading over a minute) and to a 429 asking to wait more than 10 s
-        (`counts_a_minute`). Replicas sharing a 10 s window misread as a minute starve each other. A `remaining` that does not go down as this
-        process sends (`ten` rising with `sent`) does not count this process at all (a quota far larger
-        than its use): the larger reading, 10 s, is as good as any.
+        (`counts_a_minute`). Replicas sharing a 10 s window misread as a minute starve each other.
+        A `remaining` that does not go down as this process sends (`ten` rising with `sent` since the
+        oldest sample kept, before any own usage aged past 10 s) does not count this process at all (a
+        quota far larger than its use, a constant from a gateway): the larger reading, 10 s, is as good
+        as any, and is told within the first requests rather than after 10 s of pacing at the minute
+        reading (which held a run against such a server to a sixth of its pace at the start).
         """
         shapes = self._shapes
         shapes.append((ten, aged, sent))
         # The latest of the least aged: the nearest in time, so that others' usage changed the least since.
-        reference_ten, reference_aged, reference_sent = min(reversed(shapes), key=lambda shape: shape[1])
+        reference_ten, reference_aged, _sent = min(reversed(shapes), key=lambda shape: shape[1])
         requests = floor / MIN_REQUESTS_PER_MINUTE  # the mean cost of a request in this dimension
         grown = aged - reference_aged
         if grown > 0 and grown >= max(3.0 * requests, SHAPE_EVIDENCE * max(reference_ten, ten)):
             if reference_ten - ten < grown / 4:
                 self.counts = WINDOW_SECONDS
             return
-        more = sent - reference_sent
-        if more >= 10.0 * requests and ten - reference_ten >= more / 2:
+        # Before any own usage has aged past 10 s (nothing of it can have left either window yet): what
+        # this process sent since the oldest sample kept, and whether `remaining` went down by it.
+        oldest_ten, oldest_aged, oldest_sent = shapes[0]
+        more = sent - oldest_sent
+        if aged == oldest_aged == 0 and more >= 10.0 * requests and ten - oldest_ten >= more / 2:
             self.counts = WINDOW_SECONDS
 
     def decrease(self, now: float, floor: float) -> None:

@@ -261,6 +261,24 @@ def test_remaining_that_comes_back_after_10_s_is_read_as_a_10_s_window() -> None
     assert b.tokens.learned == pytest.approx(60_000, rel=0.02)
 
 
+def test_remaining_that_never_goes_down_is_not_read_as_a_minute_from_the_first_seconds() -> None:
+    # A quota far larger than this process's use (or a gateway reporting a constant): `remaining` stays
+    # at 1,000,000 however much is sent. Read as a minute, that would pace at 1,000,000 tokens a minute
+    # until 10 s of own usage had aged; 10 s is told as soon as ten requests show it does not go down.
+    async def main() -> tuple[RateBudget, float]:
+        b = budget(tpm=None, rpm=None)
+        for _ in range(30):  # 30 requests of 200 tokens within the first second
+            async with b.admit(200) as permit:
+                permit.observe(headers(1_000_000, 1_000_000))
+            await asyncio.sleep(0.03)
+        return b, now()
+
+    b, elapsed = run_virtual(main())
+    assert elapsed < 2.0
+    assert b.tokens.counts == 10
+    assert b.tokens.learned is not None and b.tokens.learned >= 6_000_000
+
+
 def test_a_refused_request_is_not_counted_as_sent() -> None:
     async def main() -> RateBudget:
         b = budget(tpm=None, rpm=None)
