@@ -13,8 +13,9 @@ What the budget does, per deployment and per dimension (tokens, requests):
   available to us (the median of the last few samples, lowered at once, raised over `LEARN_SECONDS`: it
   shrinks when another replica shares the quota). Over 10 s that is `(remaining + own 10 s usage) × 6` a
   minute; over 60 s, `remaining + own 60 s usage`. Which one is told per dimension: when this process's
-  usage ages past 10 s, a 10 s `remaining` gives it back (`Dimension._tell_window`); a 429 asking to
-  wait more than 10 s says a minute. Until then, the lower reading (the higher one would overrun a
+  usage ages past 10 s, a 10 s `remaining` gives it back, and in a process's first minute, usage of
+  others that comes back says 10 s too (`Dimension._tell_window`); a 429 asking to wait more than 10 s
+  says a minute, for good. Until then, the lower reading (the higher one would overrun a
   minute-long window sixfold). What remains is claimed whole by a process alone, half of it when others
   use the quota too (`SHARED_CLAIM`), so that replicas do not all grab the same headroom at once. A 429's `remaining` only
   says the window is full now, so it teaches nothing. An `x-ratelimit-limit-*` header above 0, on any
@@ -65,7 +66,7 @@ KNOWN_RECOVER_SECONDS = 10.0  # then it returns linearly to the known limit in t
 INCREASE_PER_SECOND = (
     0.03  # with no known limit nor ceiling, it grows per second by this fraction of the cut rate
 )
-LEARN_SAMPLES = 9  # the learned capacity is the median of the last few header samples
+LEARN_SAMPLES = 5  # the learned capacity is the median of the last few header samples
 PEAK_SECONDS = 300.0  # the most capacity ever seen fades with this time constant
 SHARE_QUANTUM = 0.1  # others' use below this fraction of the capacity is noise
 SHARED_CLAIM = 0.5  # the part of what remains a process claims when others use the quota too
@@ -336,7 +337,8 @@ class Dimension:
         minute = usage[1] + remaining * self._share(1, remaining + usage[1], now)
         self._minute_reading = max(floor, minute)
         told_before = self.counts
-        self._tell_window(remaining + usage[0], usage[1] - usage[0], usage[0], floor)
+        young = self._first is None or now - self._first < MINUTE_SECONDS
+        self._tell_window(remaining + usage[0], usage[1] - usage[0], usage[0], floor, young)
         if self.counts == WINDOW_SECONDS:
             sample = ten
         elif self.counts == MINUTE_SECONDS:
@@ -380,24 +382,38 @@ class Dimension:
         ):
             self.learned = min(self.learned, self._minute_reading)
 
-    def _tell_window(self, ten: float, aged: float, sent: float, floor: float) -> None:
+    def _tell_window(self, ten: float, aged: float, sent: float, floor: float, young: bool) -> None:
         """Which window `remaining` counts, from how it moves as this process's usage ages past 10 s.
 
         `ten` = remaining + own usage over 10 s; `aged` = own usage between 10 s and a minute ago; `sent`
-        = own usage over 10 s. Over a 10 s window `ten` stays put (less what others use) while `aged`
-        grows; over a minute it falls by as much as `aged` grew (and by what others' minute usage grew).
-        Compared with the latest sample of least `aged` among the recent ones, once `aged` grew by a clear
-        margin (`SHAPE_EVIDENCE` of the capacity, and more than a few requests): a fall of `ten` by less
-        than a quarter of that growth says 10 s. A fall says a minute only if no one else started to use
-        the quota meanwhile, which the data cannot tell: a minute is left to the lower reading (which is
-        the minute reading over a minute) and to a 429 asking to wait more than 10 s
-        (`counts_a_minute`). Replicas sharing a 10 s window misread as a minute starve each other.
-        A `remaining` that does not go down as this process sends (`ten` rising with `sent` since the
-        oldest sample kept, before any own usage aged past 10 s) does not count this process at all (a
-        quota far larger than its use, a constant from a gateway): the larger reading, 10 s, is as good
-        as any, and is told within the first requests rather than after 10 s of pacing at the minute
-        reading (which held a run against such a server to a sixth of its pace at the start).
+        = own usage over 10 s; `young`: this process sent its first request less than a minute ago. Over a
+        10 s window `ten` stays put (less what others use) while `aged` grows; over a minute it falls by as
+        much as `aged` grew (and by what others' minute usage grew). Three ways to tell 10 s:
+
+        - **Own usage ages, `ten` holds.** Compared with the latest sample of least `aged` among the recent
+          ones, once `aged` grew by a clear margin (`SHAPE_EVIDENCE` of the capacity, and more than a few
+          requests): a fall of `ten` by less than a quarter of that growth says 10 s. A larger fall says a
+          minute only if no one else started to use the quota meanwhile, which the data cannot tell: it
+          says nothing, and the comparison moves on to later samples (peers ramping up after this process's
+          first samples would otherwise hide the window from it for as long as those samples are kept).
+        - **Others' usage comes back.** `ten` rising clearly above an earlier sample while `aged` did not
+          fall, within this process's first minute: over a minute, others' usage would have to leave the
+          window, which it cannot within a minute of their start; over 10 s their burst aged out. So
+          replicas started together tell the window as their start-up bursts age, all at about the same
+          time (one that cannot tell paces at the minute reading, a sixth of its share, and finishes
+          last, alone and slowly). Later in a run others' old usage can leave a minute: not taken.
+        - **`remaining` does not go down as this process sends** (`ten` rising with `sent` since the
+          oldest sample kept, before any own usage aged past 10 s): it does not count this process at all
+          (a quota far larger than its use, a constant from a gateway): the larger reading, 10 s, is as
+          good as any, and is told within the first requests rather than after 10 s of pacing at the
+          minute reading (which held a run against such a server to a sixth of its pace at the start).
+
+        A minute is left to the lower reading (which is the minute reading over a minute) and to a 429
+        asking to wait more than 10 s (`counts_a_minute`), which the data cannot overrule afterwards.
+        Replicas sharing a 10 s window misread as a minute starve each other.
         """
+        if self.counts == MINUTE_SECONDS:
+            return  # a 429 asked to wait longer than 10 s: the data cannot say otherwise
         shapes = self._shapes
         shapes.append((ten, aged, sent))
         # The latest of the least aged: the nearest in time, so that others' usage changed the least since.
@@ -407,6 +423,16 @@ class Dimension:
         if grown > 0 and grown >= max(3.0 * requests, SHAPE_EVIDENCE * max(reference_ten, ten)):
             if reference_ten - ten < grown / 4:
                 self.counts = WINDOW_SECONDS
+            else:  # no answer: compare with later samples from now on
+                while len(shapes) > 1 and shapes[0][1] <= reference_aged:
+                    shapes.popleft()
+            return
+        # Others' usage came back (see above).
+        evidence = max(3.0 * requests, SHAPE_EVIDENCE * ten)
+        if young and any(
+            aged >= then_aged and ten - then_ten >= evidence for then_ten, then_aged, _ in shapes
+        ):
+            self.counts = WINDOW_SECONDS
             return
         # Before any own usage has aged past 10 s (nothing of it can have left either window yet): what
         # this process sent since the oldest sample kept, and whether `remaining` went down by it.

@@ -279,6 +279,80 @@ def test_remaining_that_never_goes_down_is_not_read_as_a_minute_from_the_first_s
     assert b.tokens.learned is not None and b.tokens.learned >= 6_000_000
 
 
+async def others_burst_then_self(
+    b: RateBudget, limiter: SlidingWindowLimiter
+) -> list[tuple[float, float | None]]:
+    """Others fill most of a 10 s window at once; this process sends 200 tokens every 2.5 s for 15 s
+    (as its pacing allows). Returns (time, what `remaining` was read to count) after each request."""
+    limiter.acquire(8_000, rpm=None, tpm=60_000, now=now())
+    seen = []
+    start = now()
+    while now() - start < 15:
+        async with b.admit(200) as permit:
+            decision = limiter.acquire(200, rpm=None, tpm=60_000, now=now())
+            permit.observe(headers(decision.remaining_tokens, decision.remaining_requests))
+        seen.append((now() - start, b.tokens.counts))
+        await asyncio.sleep(2.5)
+    return seen
+
+
+@pytest.mark.parametrize(("started_before", "told"), [(0.0, 10.0), (65.0, None)])
+def test_remaining_that_comes_back_in_the_first_minute_is_read_as_ten_seconds(
+    started_before: float, told: float | None
+) -> None:
+    # Replicas started together: the others' start-up burst leaves little, and 10 s later it has aged
+    # out and `remaining` is back, before any of this process's own usage could tell the window. Over a
+    # minute, what others used cannot leave the window within a minute of this process's first request:
+    # 10 s. Later in a run it can (others' old usage ages out of a minute): nothing is told from that.
+    async def main() -> list[tuple[float, float | None]]:
+        b = budget(tpm=None, rpm=None)
+        if started_before:
+            await turn(b, 200)
+            await asyncio.sleep(started_before)
+        return await others_burst_then_self(b, SlidingWindowLimiter())
+
+    seen = run_virtual(main())
+    assert all(counts is None for at, counts in seen if at < 10)
+    assert seen[-1][1] == told
+
+
+def test_a_429_asking_to_wait_past_10_s_is_not_overruled_by_remaining() -> None:
+    async def main() -> RateBudget:
+        b = budget(tpm=None, rpm=None)
+        await throttle(b, 100, {"retry-after": "30"})  # only a minute-long window asks that
+        await others_burst_then_self(b, SlidingWindowLimiter())
+        return b
+
+    assert run_virtual(main()).tokens.counts == 60
+
+
+def test_a_replica_that_started_before_its_peers_ramped_up_still_tells_the_window() -> None:
+    # Its first samples saw the deployment idle; then the peers took most of it. Compared with those first
+    # samples, its aged usage grows while what remains fell (the peers' doing): no answer. It compares
+    # with samples taken after the fall instead, and tells 10 s once its own usage ages while `remaining`
+    # holds (else it would stay on the minute reading, far below its share, for a minute or more).
+    async def main() -> RateBudget:
+        limiter = SlidingWindowLimiter()
+        b = budget(tpm=None, rpm=None)
+
+        async def peers() -> None:
+            await asyncio.sleep(12)
+            while True:  # 700 tokens a second: 7,000 of the 10,000 a window admits
+                limiter.acquire(100, rpm=None, tpm=60_000, now=now())
+                await asyncio.sleep(1 / 7)
+
+        task = asyncio.create_task(peers())
+        while now() < 50:
+            async with b.admit(200) as permit:
+                decision = limiter.acquire(200, rpm=None, tpm=60_000, now=now())
+                permit.observe(headers(decision.remaining_tokens, decision.remaining_requests))
+            await asyncio.sleep(1)
+        task.cancel()
+        return b
+
+    assert run_virtual(main()).tokens.counts == 10
+
+
 def test_a_refused_request_is_not_counted_as_sent() -> None:
     async def main() -> RateBudget:
         b = budget(tpm=None, rpm=None)
@@ -679,7 +753,10 @@ class Simulation:
                                 else {}
                             )
                             if not decision.admitted:
-                                permit.throttled(response_headers)
+                                # Azure, the public simulator and gateways alike say when to retry.
+                                permit.throttled(
+                                    {**response_headers, "retry-after-ms": str(decision.retry_after_ms)}
+                                )
                                 raise Throttled(decision.retry_after_ms)
                             await asyncio.sleep(
                                 self.latency + self.latency_per_token * cost + rng.uniform(0, self.jitter)
