@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
 import time
@@ -51,6 +54,44 @@ def run_worker(
         stdin=subprocess.DEVNULL,
     )
     return Run(done.returncode, done.stdout, done.stderr)
+
+
+@dataclass
+class Screen:
+    returncode: int
+    output: str  # what a terminal received, escape sequences included
+
+
+def run_in_terminal(stack: LocalStack, *args: str, timeout: float = 120) -> Screen:
+    """`worker run` with its stdout and stderr on a pseudo-terminal (log format auto: the progress bar
+    and the summary table, as a user at a terminal sees them)."""
+    environment = {**stack.worker_env("managed-identity"), "COLUMNS": "120", "TERM": "xterm"}
+    environment.pop("WORKER_LOG_FORMAT", None)
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [WORKER, "run", *args], env=environment, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the worker exited and closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+        returncode = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+    return Screen(returncode, received.decode("utf-8", "replace"))
 
 
 def start_worker(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 from tests.e2e.helpers import (
@@ -11,6 +12,7 @@ from tests.e2e.helpers import (
     manifest,
     new_container,
     results,
+    run_in_terminal,
     run_revoking_tokens_mid_run,
     run_worker,
     upload,
@@ -218,3 +220,22 @@ def test_local_folders_as_on_a_laptop(stack: LocalStack, tmp_path: object) -> No
     assert (first.summary["succeeded"], first.summary["failed"]) == (4, 1)
     assert (second.summary["skipped"], second.summary["succeeded"]) == (5, 0)
     assert (sink / "_runs").is_dir()
+
+
+def test_in_a_terminal_the_progress_bar_shows_the_total_and_an_eta(stack: LocalStack) -> None:
+    # The listing is streamed: the total grows as files are opened, never `?` once one is.
+    source, sink = new_container(stack, "src"), new_container(stack, "out")
+    lines = {
+        f"part-{p}.jsonl": b"\n".join(batch_line(f"p{p}-{i}", f"line {i}") for i in range(20)) for p in (1, 2)
+    }
+    upload(stack, source, lines)
+    stack.openai.configure(latency_ms=100)  # a few seconds in all: the bar is drawn many times
+    screen = run_in_terminal(
+        stack, "--source", stack.blob_url(source), "--sink", stack.blob_url(sink), "--concurrency", "2"
+    )
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.output)
+    assert screen.returncode == 0, text[-2000:]
+    assert re.search(r"\b\d+/(20|40)\b", text), text[-2000:]  # done/total, with the total known
+    assert "ETA" in text
+    assert re.search(r"succeeded\s*│?\s*40\b", text), text[-2000:]  # then the summary table
+    assert len(results(stack, sink)) == 40
