@@ -8,11 +8,12 @@ import pty
 import select
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.stack import LocalStack
 
@@ -106,6 +107,52 @@ def start_worker(
         stdin=subprocess.DEVNULL,
         text=True,
     )
+
+
+class WatchedWorker:
+    """`worker run` whose stdout is read as it is written, so a test can wait on an event the worker
+    logged (its own view of the run) rather than on a fake's counters, which run ahead of it."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self._lines: list[str] = []
+        self._stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._drain, args=(process.stdout, self._lines), daemon=True),
+            threading.Thread(target=self._drain, args=(process.stderr, self._stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _drain(stream: IO[str] | None, into: list[str]) -> None:
+        assert stream is not None
+        with stream:
+            for line in stream:
+                into.append(line)
+
+    def wait_for_event(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        needle = f'"event": "{name}"'
+        while not any(needle in line for line in list(self._lines)):
+            exited = self.process.poll() is not None
+            assert not exited, f"the worker exited ({self.process.returncode}) without logging {name}"
+            assert time.monotonic() < deadline, f"the worker did not log {name} within {timeout} s"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 180) -> Run:
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        for reader in self._readers:
+            reader.join(timeout=30)
+        return Run(self.process.returncode, "".join(self._lines), "".join(self._stderr))
+
+
+def start_watched_worker(stack: LocalStack, *args: str, auth: str = "managed-identity") -> WatchedWorker:
+    return WatchedWorker(start_worker(stack, *args, auth=auth))
 
 
 def finish(process: subprocess.Popen[str], timeout: float = 180) -> Run:

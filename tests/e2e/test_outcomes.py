@@ -21,6 +21,7 @@ from tests.e2e.helpers import (
     new_container,
     results,
     run_worker,
+    start_watched_worker,
     start_worker,
     upload,
     wait_for,
@@ -76,19 +77,19 @@ def test_an_outage_mid_run_pauses_dispatch_and_turns_nothing_into_errors(
     source, sink = new_container(stack, "src"), new_container(stack, "out")
     files, ids = batch_files(3, 100, "outage")
     upload(stack, source, files)
-    stack.openai.configure(latency_ms=30, jitter_ms=20)
+    stack.openai.configure(latency_ms=100, jitter_ms=50)  # about 2 s of work: the outage comes mid-run
 
-    process = start_worker(stack, *blob_args(stack, source, sink, "--concurrency", "16"))
+    worker = start_watched_worker(stack, *blob_args(stack, source, sink, "--concurrency", "16"))
     try:
         wait_for(stack, "successes", 60)
         stack.openai.configure(**({"outage_status": 503} if fault == "503" else {"outage_drop": True}))
         # The calls in flight fail, five failures in a row open the circuit, probes fail (1 s, 2 s, ...).
-        wait_until(lambda: stack.openai.stats()["by_status"].get("503", 0) >= 8, "too few failures")
+        # The fake counts a failure before the worker sees it, and answers already on their way reset the
+        # count: wait for the worker's own word that the circuit opened.
+        worker.wait_for_event("deployment.unavailable")
         stack.openai.configure(outage_status=0, outage_drop=False)
-        run = finish(process)
     finally:
-        if process.poll() is None:
-            process.kill()
+        run = worker.finish()
     failed_during_outage = stack.openai.stats()["by_status"]["503"]
 
     assert run.code == 0, run.stdout[-3000:]
