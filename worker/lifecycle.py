@@ -27,6 +27,7 @@ from worker.batch.run import batch_pipeline, wait_for_batches
 from worker.calls import Caller
 from worker.errors import ConfigError, first_line
 from worker.health import Health
+from worker.peers import Peers
 from worker.pipeline import Pipeline, PipelineLimits, Progress
 from worker.pool import Router
 from worker.ratelimit import Budgets
@@ -109,8 +110,16 @@ async def _run(settings: Settings, result: RunResult, stopper: Stopper, on_progr
             **({"deployments": [d.label for d in router.deployments]} if router.pooled else {}),
             backend=settings.backend,
         )
+        peers = None
+        if isinstance(pipeline, Pipeline):  # replicas sharing the quota: see worker/peers.py
+            peers = Peers(sink, busy=pipeline.has_units_in_progress, on_count=budgets.set_peers)
+            peers.start()
         try:
-            await stopper.run(pipeline)
+            try:
+                await stopper.run(pipeline)
+            finally:
+                if peers is not None:
+                    await stopper.cleanup(peers.stop(), "peers.leave_failed")
             if isinstance(pipeline, BatchPipeline):
                 pipeline = await _wait_for_batches(
                     settings, clients, sink, router, result, stopper, (source_at, sink_at), pipeline

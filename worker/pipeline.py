@@ -217,6 +217,11 @@ class Pipeline:
             self.work_remains = True
             log.warning("run.stopping", reason=reason, in_flight=len(self._calls))
 
+    def has_units_in_progress(self) -> bool:
+        """Whether this run holds a claimed unit now (waiting on a unit another process holds is not
+        holding one): what `worker/peers.py` advertises to the other replicas."""
+        return bool(self._claimed)
+
     async def release_claimed_units(self) -> None:
         """Best effort, after a hard stop: give up the claims of units that were not closed."""
         units, self._claimed = list(self._claimed), set()

@@ -189,6 +189,8 @@ class Dimension:
         self._samples: deque[float] = deque(maxlen=LEARN_SAMPLES)
         self._shapes: deque[tuple[float, float, float]] = deque(maxlen=SHAPE_SAMPLES)  # see _tell_window
         self.counts: float | None = None  # the window `remaining` counts (10 or 60 s); None = not known yet
+        self.peers: int | None = None  # other worker processes at work on this job (worker/peers.py)
+        self._handover_until = -math.inf  # see set_peers
         self._minute_reading: float | None = None  # the last sample read as counting a minute
         self._peaks: list[float | None] = [None, None]  # the most capacity seen, per reading (10 s, 60 s)
         self._peaks_at = [0.0, 0.0]
@@ -335,6 +337,11 @@ class Dimension:
         # at once and together they overrun it).
         ten = (usage[0] + remaining * self._share(0, remaining + usage[0], now)) * WINDOW_FRACTION
         minute = usage[1] + remaining * self._share(1, remaining + usage[1], now)
+        if self.peers == 0 and now < self._handover_until:
+            # The last others at work have stopped: their usage leaves the window and is not renewed, so
+            # pacing at the most capacity seen replaces what leaves instead of waiting for it to leave.
+            ten = max(ten, self._faded_peak(0, now) * WINDOW_FRACTION)
+            minute = max(minute, self._faded_peak(1, now))
         self._minute_reading = max(floor, minute)
         told_before = self.counts
         young = self._first is None or now - self._first < MINUTE_SECONDS
@@ -350,7 +357,12 @@ class Dimension:
         self._samples.append(max(floor, sample))
         ordered = sorted(self._samples)
         estimate = ordered[len(ordered) // 2]  # the median: robust to a sample off by a request in flight
-        if self.learned is None or estimate <= self.learned or self.counts != told_before:
+        if (
+            self.learned is None
+            or estimate <= self.learned
+            or self.counts != told_before
+            or self.peers is not None
+        ):
             self.learned = estimate
         else:
             self.learned += (estimate - self.learned) * min(1.0, (now - self._learned_at) / LEARN_SECONDS)
@@ -361,13 +373,25 @@ class Dimension:
         others use the quota too (each claims the same part, whatever it uses: additive, hence fair).
         Others' usage is the most capacity ever seen (fading over `PEAK_SECONDS`: a quota can shrink)
         less the capacity left to this process now; below `SHARE_QUANTUM` of it, noise."""
-        peak = self._peaks[reading]
-        if peak is not None:
-            peak *= math.exp(-max(0.0, now - self._peaks_at[reading]) / PEAK_SECONDS)
-        peak = capacity if peak is None or capacity > peak else peak
+        peak = max(capacity, self._faded_peak(reading, now))
         self._peaks[reading] = peak
         self._peaks_at[reading] = now
+        if self.peers is not None:  # each claims its part at once: together, what remains
+            return 1.0 / (self.peers + 1)
         return SHARED_CLAIM if peak - capacity > SHARE_QUANTUM * peak else 1.0
+
+    def _faded_peak(self, reading: int, now: float) -> float:
+        peak = self._peaks[reading]
+        if peak is None:
+            return 0.0
+        return peak * math.exp(-max(0.0, now - self._peaks_at[reading]) / PEAK_SECONDS)
+
+    def set_peers(self, others: int | None, now: float) -> None:
+        """Other worker processes at work on the job (None: not known). When the last of them stops,
+        a handover of one window follows (see `learn`)."""
+        if others == 0 and self.peers:
+            self._handover_until = now + (self.counts or WINDOW_SECONDS)
+        self.peers = others
 
     def counts_a_minute(self) -> None:
         """A 429 asked to wait longer than a 10 s window could make it: `remaining` counts a minute."""
@@ -591,6 +615,15 @@ class RateBudget:
     def admit(self, tokens: int) -> Permit:
         """`async with budget.admit(tokens) as permit:` — one attempt of estimated cost `tokens`."""
         return Permit(self, tokens)
+
+    def set_peers(self, others: int | None) -> None:
+        """How many other worker processes are at work on the job now (worker/peers.py; None: not
+        known). Known, each claims its part of what remains of a learned quota (all of it alone) and
+        takes a higher reading at once; unknown, half of what remains when others use the quota, and a
+        higher reading is approached over LEARN_SECONDS, so that replicas do not all grab it at once."""
+        now = self.clock.now()
+        self.tokens.set_peers(others, now)
+        self.requests.set_peers(others, now)
 
     def pause(self, seconds: float) -> None:
         """The service said to wait: hold every request to this deployment for `seconds`."""
@@ -831,6 +864,7 @@ class Budgets:
     ) -> None:
         self._tpm, self._rpm, self._clock, self._concurrency = tpm, rpm, clock, concurrency
         self._by_deployment: dict[str, RateBudget] = {}
+        self._peers: int | None = None
 
     def __getitem__(self, deployment: str) -> RateBudget:
         budget = self._by_deployment.get(deployment)
@@ -838,6 +872,8 @@ class Budgets:
             budget = self._by_deployment[deployment] = RateBudget(
                 tpm=self._tpm, rpm=self._rpm, clock=self._clock, max_window=self._concurrency
             )
+            if self._peers is not None:
+                budget.set_peers(self._peers)
         return budget
 
     def configure(self, deployment: str, *, tpm: int | None, rpm: int | None) -> RateBudget:
@@ -845,7 +881,15 @@ class Budgets:
         budget = self._by_deployment[deployment] = RateBudget(
             tpm=tpm, rpm=rpm, clock=self._clock, max_window=self._concurrency
         )
+        if self._peers is not None:
+            budget.set_peers(self._peers)
         return budget
+
+    def set_peers(self, others: int | None) -> None:
+        """How many other worker processes are at work on the job now (None: not known)."""
+        self._peers = others
+        for budget in self._by_deployment.values():
+            budget.set_peers(others)
 
     def window(self) -> int:
         """Requests the budgets let in flight now, over every deployment (before any call: the first
