@@ -5,11 +5,12 @@ file alone at the share it had while the others ran, and the quota idles (`make 
 
 Each process with a unit in progress keeps a small record under the sink's `_state/active/` folder whose
 name says until when it holds (`<process>.<until epoch s>`): rewritten every `REFRESH_SECONDS` while it
-works, deleted as soon as it has nothing in progress (waiting on files others hold counts as nothing) and
-at the end of the run. A process that crashes leaves a record that expires `RECORD_SECONDS` later; records
+works, deleted at the first refresh with nothing in progress (waiting on files others hold counts as
+nothing) and at the end of the run. A process that crashes leaves a record that expires `RECORD_SECONDS` later; records
 long expired are deleted by whoever lists them. The listing, every `REFRESH_SECONDS`, gives the number of
-other processes at work; `on_count` hears it (`Budgets.set_peers`). A process counts itself alone only
-once it has been at work for a refresh period, so that replicas started together see each other first.
+other processes at work; `on_count` hears it (`Budgets.set_peers`: the one left alone claims the whole
+quota at once as the others' usage leaves the window). A process counts itself alone only once it has
+been at work for a refresh period, so that replicas started together see each other first.
 
 Nothing here can fail a run: storage trouble is logged once, and the count is then unknown (None), which
 leaves the budgets to the headers alone, as without this module.
@@ -103,7 +104,8 @@ class Peers:
         if count != self.count:
             self.count = count
             self._on_count(count)
-            log.info("peers.at_work", others=count)
+            if count is not None:
+                log.info("peers.at_work", others=count)
 
     async def _keep_record(self, now: float) -> None:
         if not self._busy():

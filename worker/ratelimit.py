@@ -17,7 +17,9 @@ What the budget does, per deployment and per dimension (tokens, requests):
   others that comes back says 10 s too (`Dimension._tell_window`); a 429 asking to wait more than 10 s
   says a minute, for good. Until then, the lower reading (the higher one would overrun a
   minute-long window sixfold). What remains is claimed whole by a process alone, half of it when others
-  use the quota too (`SHARED_CLAIM`), so that replicas do not all grab the same headroom at once. A 429's `remaining` only
+  use the quota too (`SHARED_CLAIM`), so that replicas do not all grab the same headroom at once; a
+  process told that no other replica of the job is at work (`set_peers`, worker/peers.py) claims it
+  whole at once, as the others' usage leaves the window. A 429's `remaining` only
   says the window is full now, so it teaches nothing. An `x-ratelimit-limit-*` header above 0, on any
   answer, is taken as the per-minute limit.
 - **Pacing.** Requests are spaced at the limit's rate (≤ 1 s of burst) and a log of what was sent
@@ -190,7 +192,6 @@ class Dimension:
         self._shapes: deque[tuple[float, float, float]] = deque(maxlen=SHAPE_SAMPLES)  # see _tell_window
         self.counts: float | None = None  # the window `remaining` counts (10 or 60 s); None = not known yet
         self.peers: int | None = None  # other worker processes at work on this job (worker/peers.py)
-        self._handover_until = -math.inf  # see set_peers
         self._minute_reading: float | None = None  # the last sample read as counting a minute
         self._peaks: list[float | None] = [None, None]  # the most capacity seen, per reading (10 s, 60 s)
         self._peaks_at = [0.0, 0.0]
@@ -337,11 +338,6 @@ class Dimension:
         # at once and together they overrun it).
         ten = (usage[0] + remaining * self._share(0, remaining + usage[0], now)) * WINDOW_FRACTION
         minute = usage[1] + remaining * self._share(1, remaining + usage[1], now)
-        if self.peers == 0 and now < self._handover_until:
-            # The last others at work have stopped: their usage leaves the window and is not renewed, so
-            # pacing at the most capacity seen replaces what leaves instead of waiting for it to leave.
-            ten = max(ten, self._faded_peak(0, now) * WINDOW_FRACTION)
-            minute = max(minute, self._faded_peak(1, now))
         self._minute_reading = max(floor, minute)
         told_before = self.counts
         young = self._first is None or now - self._first < MINUTE_SECONDS
@@ -357,27 +353,22 @@ class Dimension:
         self._samples.append(max(floor, sample))
         ordered = sorted(self._samples)
         estimate = ordered[len(ordered) // 2]  # the median: robust to a sample off by a request in flight
-        if (
-            self.learned is None
-            or estimate <= self.learned
-            or self.counts != told_before
-            or self.peers is not None
-        ):
+        if self.learned is None or estimate <= self.learned or self.counts != told_before or self.peers == 0:
             self.learned = estimate
         else:
             self.learned += (estimate - self.learned) * min(1.0, (now - self._learned_at) / LEARN_SECONDS)
         self._learned_at = now
 
     def _share(self, reading: int, capacity: float, now: float) -> float:
-        """How much of what remains this process claims: all of it alone, `SHARED_CLAIM` of it when
-        others use the quota too (each claims the same part, whatever it uses: additive, hence fair).
+        """How much of what remains this process claims: all of it alone (or told no other replica is
+        at work), `SHARED_CLAIM` of it when others use the quota too (each claims the same part, whatever it uses: additive, hence fair).
         Others' usage is the most capacity ever seen (fading over `PEAK_SECONDS`: a quota can shrink)
         less the capacity left to this process now; below `SHARE_QUANTUM` of it, noise."""
         peak = max(capacity, self._faded_peak(reading, now))
         self._peaks[reading] = peak
         self._peaks_at[reading] = now
-        if self.peers is not None:  # each claims its part at once: together, what remains
-            return 1.0 / (self.peers + 1)
+        if self.peers == 0:  # no other process of the job at work: what remains is ours
+            return 1.0
         return SHARED_CLAIM if peak - capacity > SHARE_QUANTUM * peak else 1.0
 
     def _faded_peak(self, reading: int, now: float) -> float:
@@ -385,13 +376,6 @@ class Dimension:
         if peak is None:
             return 0.0
         return peak * math.exp(-max(0.0, now - self._peaks_at[reading]) / PEAK_SECONDS)
-
-    def set_peers(self, others: int | None, now: float) -> None:
-        """Other worker processes at work on the job (None: not known). When the last of them stops,
-        a handover of one window follows (see `learn`)."""
-        if others == 0 and self.peers:
-            self._handover_until = now + (self.counts or WINDOW_SECONDS)
-        self.peers = others
 
     def counts_a_minute(self) -> None:
         """A 429 asked to wait longer than a 10 s window could make it: `remaining` counts a minute."""
@@ -618,12 +602,12 @@ class RateBudget:
 
     def set_peers(self, others: int | None) -> None:
         """How many other worker processes are at work on the job now (worker/peers.py; None: not
-        known). Known, each claims its part of what remains of a learned quota (all of it alone) and
-        takes a higher reading at once; unknown, half of what remains when others use the quota, and a
-        higher reading is approached over LEARN_SECONDS, so that replicas do not all grab it at once."""
-        now = self.clock.now()
-        self.tokens.set_peers(others, now)
-        self.requests.set_peers(others, now)
+        known). With none (the last replica at work, or a run on its own), what remains of a learned quota
+        is claimed whole and a higher reading applies at once: the others' usage still in the window is
+        leaving it, not renewed. Otherwise half of what remains is claimed while others' usage shows, and a
+        higher reading is approached over LEARN_SECONDS, so that replicas do not all grab it at once
+        (claiming a part per replica, 1/(n+1), starved one replica of three in simulations)."""
+        self.tokens.peers = self.requests.peers = others
 
     def pause(self, seconds: float) -> None:
         """The service said to wait: hold every request to this deployment for `seconds`."""
@@ -872,8 +856,7 @@ class Budgets:
             budget = self._by_deployment[deployment] = RateBudget(
                 tpm=self._tpm, rpm=self._rpm, clock=self._clock, max_window=self._concurrency
             )
-            if self._peers is not None:
-                budget.set_peers(self._peers)
+            budget.set_peers(self._peers)
         return budget
 
     def configure(self, deployment: str, *, tpm: int | None, rpm: int | None) -> RateBudget:
@@ -881,8 +864,7 @@ class Budgets:
         budget = self._by_deployment[deployment] = RateBudget(
             tpm=tpm, rpm=rpm, clock=self._clock, max_window=self._concurrency
         )
-        if self._peers is not None:
-            budget.set_peers(self._peers)
+        budget.set_peers(self._peers)
         return budget
 
     def set_peers(self, others: int | None) -> None:

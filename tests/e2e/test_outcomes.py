@@ -328,11 +328,13 @@ def test_storage_refusing_appends_mid_run_exits_2_naming_the_role(stack: LocalSt
     assert run.summary["exit_code"] == 2
 
 
-def test_three_replicas_started_at_once_each_take_a_share_of_the_files(stack: LocalStack) -> None:
+def test_three_replicas_started_at_once_each_take_a_share_of_the_files_and_see_each_other_at_work(
+    stack: LocalStack,
+) -> None:
     source, sink = new_container(stack, "src"), new_container(stack, "out")
     files, ids = batch_files(12, 100, "share")
     upload(stack, source, files)
-    stack.openai.configure(latency_ms=50, jitter_ms=20)
+    stack.openai.configure(latency_ms=150, jitter_ms=20)  # seconds of work each: peers refresh every 1 s
     args = blob_args(stack, source, sink, "--concurrency", "8")
 
     replicas = [start_worker(stack, *args) for _ in range(3)]
@@ -342,6 +344,12 @@ def test_three_replicas_started_at_once_each_take_a_share_of_the_files(stack: Lo
     assert_exactly_once(results(stack, sink), ids)
     assert all(run.summary["succeeded"] > 0 for run in runs), [run.summary for run in runs]
     assert sum(run.summary["requests"] for run in runs) <= len(ids) * 1.05
+    # Each counted the others through their records under _state/active/ (worker/peers.py) ...
+    for run in runs:
+        assert any(event["others"] >= 1 for event in events_named(run, "peers.at_work")), run.stdout[-2000:]
+    # ... and each deleted its own at the end.
+    container = stack.blob_service().get_container_client(sink)
+    assert [blob.name for blob in container.list_blobs(name_starts_with="_state/active/")] == []
 
 
 def test_a_worker_whose_deployment_is_busy_claims_no_more_files(stack: LocalStack, tmp_path: Path) -> None:

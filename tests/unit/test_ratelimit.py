@@ -727,6 +727,9 @@ class Simulation:
     jitter: float = 0.2
     ramp: int = 10  # seconds left out at the start of the busy window
     seed: int = 7
+    split: list[float] | None = None  # each replica's part of the prompts (default: equal parts)
+    peers_known: bool = False  # each replica is told how many others are still at work (worker/peers.py)
+    finished_at: dict[int, float] = field(default_factory=dict)  # replica -> when its last answer came
     served: Counter[int] = field(default_factory=Counter)  # second -> tokens, as the fake counts them
     served_requests: Counter[int] = field(default_factory=Counter)
     served_by_replica: Counter[int] = field(default_factory=Counter)
@@ -737,7 +740,25 @@ class Simulation:
         limiter = SlidingWindowLimiter(token_window_s=self.token_window_s)
         rng = random.Random(self.seed)
         costs = [rng.randint(100, 300) for _ in range(self.prompts)]
-        queues = [costs[i :: len(self.replicas)] for i in range(len(self.replicas))]
+        if self.split is None:
+            queues = [costs[i :: len(self.replicas)] for i in range(len(self.replicas))]
+        else:
+            bounds = list(itertools.accumulate(int(part * len(costs)) for part in self.split))
+            queues = [costs[start:end] for start, end in zip([0, *bounds[:-1]], bounds, strict=True)]
+        at_work = set(range(len(self.replicas)))
+        workers_left = Counter({index: self.concurrency // len(self.replicas) for index in at_work})
+        if self.peers_known:
+            for budget in self.replicas:
+                budget.set_peers(len(at_work) - 1)
+
+        def done(replica: int) -> None:
+            workers_left[replica] -= 1
+            if workers_left[replica] == 0:
+                self.finished_at[replica] = now()
+                at_work.discard(replica)
+                if self.peers_known:
+                    for index in at_work:
+                        self.replicas[index].set_peers(len(at_work) - 1)
 
         async def worker(replica: int, budget: RateBudget, queue: list[int]) -> None:
             while queue:
@@ -770,6 +791,7 @@ class Simulation:
                     self.served_requests[int(now())] += 1
                     self.served_by_replica[replica] += cost
                     break
+            done(replica)
 
         await asyncio.gather(
             *(
@@ -791,6 +813,11 @@ class Simulation:
     def throttled_ratio(self) -> float:
         return self.throttled / self.requests
 
+    def utilisation_between(self, start: float, end: float) -> float:
+        seconds = range(int(start) + 1, int(end))
+        assert self.tpm and len(seconds) >= 5
+        return sum(self.served[s] for s in seconds) / len(seconds) * 60 / self.tpm
+
     def shares(self) -> list[float]:
         total = sum(self.served_by_replica.values())
         return [self.served_by_replica[i] / total for i in range(len(self.replicas))]
@@ -801,8 +828,11 @@ def simulate(simulation: Simulation) -> Simulation:
     return simulation
 
 
-def test_a_learned_limit_saturates_the_quota_without_429s() -> None:
-    sim = simulate(Simulation(tpm=60_000, replicas=[budget(tpm=None, rpm=None, max_window=32)]))
+@pytest.mark.parametrize("peers_known", [False, True])
+def test_a_learned_limit_saturates_the_quota_without_429s(peers_known: bool) -> None:
+    sim = simulate(
+        Simulation(tpm=60_000, replicas=[budget(tpm=None, rpm=None, max_window=32)], peers_known=peers_known)
+    )
     assert sim.utilisation() >= 0.95
     assert sim.throttled / sim.requests <= 0.02
 
@@ -873,3 +903,39 @@ def test_two_replicas_share_a_quota() -> None:
     assert sim.throttled / sim.requests <= 0.05
     shares = [sim.served_by_replica[i] / sum(sim.served_by_replica.values()) for i in range(2)]
     assert min(shares) >= 0.35
+
+
+def test_replicas_told_how_many_others_are_at_work_share_a_deployment_as_well() -> None:
+    replicas = [budget(tpm=None, rpm=None, max_window=1024) for _ in range(3)]
+    sim = simulate(Simulation(tpm=60_000, replicas=replicas, concurrency=300, prompts=2400, peers_known=True))
+    assert sim.utilisation() >= 0.9
+    assert sim.throttled_ratio() <= 0.03
+    assert min(sim.shares()) >= 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_replica_left_alone_takes_up_the_quota_the_others_leave_sooner_when_told(seed: int) -> None:
+    # Three replicas, one with half the work: the last one at work finishes alone. Told that it is alone
+    # (worker/peers.py), it claims all that remains at once; not told, half of what remains while the
+    # others' usage still shows, and a higher reading only over LEARN_SECONDS.
+    def left_alone(peers_known: bool) -> tuple[float, Simulation]:
+        replicas = [budget(tpm=None, rpm=None, max_window=1024) for _ in range(3)]
+        sim = simulate(
+            Simulation(
+                tpm=60_000,
+                replicas=replicas,
+                prompts=2400,
+                concurrency=96,
+                split=[0.25, 0.25, 0.5],
+                peers_known=peers_known,
+                seed=seed,
+            )
+        )
+        alone_from = sorted(sim.finished_at.values())[1]
+        return sim.utilisation_between(alone_from, alone_from + 15), sim
+
+    told, sim = left_alone(True)
+    not_told, _ = left_alone(False)
+    assert told >= not_told + 0.1  # e.g. 0.81 against 0.68 in the 15 s after the others stopped
+    assert sim.utilisation() >= 0.93
+    assert sim.throttled_ratio() <= 0.02
