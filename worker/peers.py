@@ -57,7 +57,6 @@ class Peers:
         self._busy_since: float | None = None
         self._warned = False
         self.count: int | None = None
-        self.most = 0  # the most other processes seen at work at once
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -89,7 +88,6 @@ class Peers:
                 log.warning("peers.unknown", error=type(exc).__name__, detail=str(exc)[:300])
             self._tell(None)
             return
-        self.most = max(self.most, others)
         settled = self._busy_since is not None and now - self._busy_since >= REFRESH_SECONDS
         self._tell(others if others or settled else None)
 
